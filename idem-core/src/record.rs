@@ -11,7 +11,7 @@ use crate::time::Timestamp;
 pub struct Token(pub u64);
 
 /// The state of a record.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum State {
     /// A worker holds (or held) the lease `token` until `lease_until`. A released lease has
     /// `lease_until == Timestamp::MIN`.
@@ -45,7 +45,7 @@ impl State {
 }
 
 /// One key's stored record.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct Record {
     /// The key.
     pub key: Key,
@@ -64,7 +64,7 @@ pub struct Record {
 }
 
 /// The right to finish one execution of a key, fenced by `token`.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct Lease {
     /// The key the lease is on.
     pub key: Key,
@@ -84,7 +84,7 @@ impl Lease {
 }
 
 /// Lease deadline and retention for a claim or an extension.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct Deadlines {
     /// When the lease runs out.
     pub lease_until: Timestamp,
@@ -93,7 +93,7 @@ pub struct Deadlines {
 }
 
 /// The answer of [`crate::Store::begin`].
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum Begin {
     /// The caller now holds the key.
     Acquired(Lease),

@@ -67,7 +67,7 @@ pub struct TxRequest<'a> {
 /// next request then replays or executes, never both.
 pub trait TransactionalStore: Store {
     /// The operation this store accepts: a closure over the store's own transaction.
-    type Operation<T, F, E>;
+    type Operation<T, F, E>: Send;
 
     /// Runs `op` in one transaction with the claim and the outcome.
     fn transact<T, F, E>(
