@@ -324,19 +324,30 @@ async fn linearizability<F: StoreFactory>(f: &F) -> Result<(), String> {
                     .await;
                     let returned = match result {
                         Ok(Ok(ret)) => Some((tick.fetch_add(1, Ordering::SeqCst), ret)),
-                        _ => None,
+                        // A timeout or a retryable error: the call may or may not have
+                        // taken effect.
+                        Err(_) => None,
+                        Ok(Err(e)) if e.is_retryable() => None,
+                        Ok(Err(e)) => return Err(err(e)),
                     };
                     if let Some((_, Ret::Begin(Begin::Acquired(l)) | Ret::Extend(Some(l)))) = &returned {
                         leases.lock().unwrap().push(l.clone());
                     }
                     history.lock().unwrap().push((k, Event { op, now, invoke, returned }));
                 }
+                Ok::<(), String>(())
             }));
         }
         for t in tasks {
-            t.await.map_err(|e| format!("a linearizability task panicked: {e}"))?;
+            t.await.map_err(|e| format!("a linearizability task panicked: {e}"))??;
         }
         let history = std::mem::take(&mut *history.lock().unwrap());
+        let unknown = history.iter().filter(|(_, e)| e.returned.is_none()).count();
+        ensure!(
+            unknown * 10 <= history.len(),
+            "round {round}: {unknown} of {} calls ended without an answer (timeouts or retryable errors)",
+            history.len()
+        );
         for (k, key) in keys.iter().enumerate() {
             let events: Vec<Event> = history.iter().filter(|(i, _)| *i == k).map(|(_, e)| e.clone()).collect();
             linearizability::check(key, &events).map_err(|why| {
