@@ -304,6 +304,20 @@ async fn availability<F: StoreFactory>(factory: &F) -> Option<Verdict> {
     })
 }
 
+/// For a backend's own tests outside the suite: `true` if the factory's service is
+/// reachable; otherwise prints why the test is skipped and returns `false`, or panics if
+/// `IDEM_TEST_REQUIRE` names the backend.
+pub async fn available<F: StoreFactory>(factory: &F) -> bool {
+    match availability(factory).await {
+        None => true,
+        Some(Verdict::Skipped(why)) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+        Some(v) => panic!("{v:?}"),
+    }
+}
+
 fn verdict(r: Result<(), String>) -> Verdict {
     match r {
         Ok(()) => Verdict::Passed,
