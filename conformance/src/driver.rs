@@ -25,11 +25,7 @@ pub(crate) fn seed() -> u64 {
 
 /// Checks `test` on `cases` values of `strategy`. On failure, shrinks and returns the
 /// minimal failing input with the seed that reproduces it.
-pub(crate) async fn check<S, F, Fut>(
-    strategy: S,
-    cases: u32,
-    mut test: F,
-) -> Result<(), String>
+pub(crate) async fn check<S, F, Fut>(strategy: S, cases: u32, mut test: F) -> Result<(), String>
 where
     S: Strategy,
     S::Value: Debug,

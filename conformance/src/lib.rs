@@ -216,7 +216,9 @@ impl PropertyResult {
     pub fn assert_ok(&self) {
         match &self.verdict {
             Verdict::Failed(why) => panic!("conformance property `{}` failed: {why}", self.name),
-            Verdict::Skipped(why) => eprintln!("conformance property `{}` skipped: {why}", self.name),
+            Verdict::Skipped(why) => {
+                eprintln!("conformance property `{}` skipped: {why}", self.name)
+            }
             Verdict::Passed => {}
         }
     }
@@ -278,7 +280,10 @@ pub fn scale() -> u32 {
 /// Whether `IDEM_TEST_REQUIRE` (comma-separated, or `all`) names `service`.
 pub fn required(service: &str) -> bool {
     std::env::var("IDEM_TEST_REQUIRE")
-        .map(|v| v.split(',').any(|s| s.trim() == service || s.trim() == "all"))
+        .map(|v| {
+            v.split(',')
+                .any(|s| s.trim() == service || s.trim() == "all")
+        })
         .unwrap_or(false)
 }
 

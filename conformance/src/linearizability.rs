@@ -27,7 +27,10 @@ pub const MAX_EVENTS: usize = 128;
 /// the sequential model. `Err` explains the first call that no order can account for.
 pub fn check(key: &Key, history: &[Event]) -> Result<(), String> {
     if history.len() > MAX_EVENTS {
-        return Err(format!("history of {} events exceeds {MAX_EVENTS}", history.len()));
+        return Err(format!(
+            "history of {} events exceeds {MAX_EVENTS}",
+            history.len()
+        ));
     }
     let mut search = Search {
         key,
@@ -148,13 +151,19 @@ mod tests {
     #[test]
     fn overlapping_begins_one_winner_is_linearizable() {
         // The second call returned first but with InProgress: the first linearizes before it.
-        let h = [ev(begin(), 0, 5, acquired(1)), ev(begin(), 1, 3, in_progress())];
+        let h = [
+            ev(begin(), 0, 5, acquired(1)),
+            ev(begin(), 1, 3, in_progress()),
+        ];
         assert!(check(&key(), &h).is_ok());
     }
 
     #[test]
     fn two_winners_are_not_linearizable() {
-        let h = [ev(begin(), 0, 5, acquired(1)), ev(begin(), 1, 3, acquired(1))];
+        let h = [
+            ev(begin(), 0, 5, acquired(1)),
+            ev(begin(), 1, 3, acquired(1)),
+        ];
         assert!(check(&key(), &h).is_err());
     }
 
@@ -162,7 +171,10 @@ mod tests {
     fn real_time_order_is_respected() {
         // A begin that returned before another was invoked must come first: the later one
         // cannot be the winner while the earlier saw InProgress.
-        let h = [ev(begin(), 0, 1, in_progress()), ev(begin(), 2, 3, acquired(1))];
+        let h = [
+            ev(begin(), 0, 1, in_progress()),
+            ev(begin(), 2, 3, acquired(1)),
+        ];
         assert!(check(&key(), &h).is_err());
     }
 
@@ -194,7 +206,14 @@ mod tests {
             op: begin(),
             now: Timestamp::from_millis(200),
             invoke: 2,
-            returned: Some((3, Ret::Begin(Begin::Acquired(Lease { token: Token(2), reclaimed: true, ..lease(2) })))),
+            returned: Some((
+                3,
+                Ret::Begin(Begin::Acquired(Lease {
+                    token: Token(2),
+                    reclaimed: true,
+                    ..lease(2)
+                })),
+            )),
         };
         let ok = [
             ev(begin(), 0, 1, acquired(1)),
@@ -202,7 +221,11 @@ mod tests {
             ev(finish(1), 4, 5, Ret::Fenced(false)),
         ];
         assert!(check(&key(), &ok).is_ok());
-        let zombie_wins = [ev(begin(), 0, 1, acquired(1)), late, ev(finish(1), 4, 5, Ret::Fenced(true))];
+        let zombie_wins = [
+            ev(begin(), 0, 1, acquired(1)),
+            late,
+            ev(finish(1), 4, 5, Ret::Fenced(true)),
+        ];
         assert!(check(&key(), &zombie_wins).is_err());
     }
 }

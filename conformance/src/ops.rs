@@ -1,6 +1,8 @@
 //! One-key operations, applied to the sequential model or to a real store.
 
-use idem_core::{model, Begin, Deadlines, Error, Fingerprint, Key, Lease, Record, Store, Timestamp};
+use idem_core::{
+    model, Begin, Deadlines, Error, Fingerprint, Key, Lease, Record, Store, Timestamp,
+};
 
 /// An operation on one key, with every input the contract's answer depends on.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -103,7 +105,9 @@ pub async fn apply<S: Store + ?Sized>(
             fingerprint,
             deadlines,
         } => Ok(Ret::Begin(
-            store.begin(key, fingerprint.as_ref(), *deadlines, now).await?,
+            store
+                .begin(key, fingerprint.as_ref(), *deadlines, now)
+                .await?,
         )),
         Op::Finish {
             lease,

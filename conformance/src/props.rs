@@ -51,10 +51,10 @@ pub(crate) fn key(scope: &str, id: &str) -> Result<Key, String> {
 }
 
 pub(crate) fn deadlines(now: Timestamp) -> Deadlines {
-    let lease_until = now.add(LEASE);
+    let lease_until = now.plus(LEASE);
     Deadlines {
         lease_until,
-        expires_at: lease_until.add(RETENTION),
+        expires_at: lease_until.plus(RETENTION),
     }
 }
 
@@ -85,7 +85,9 @@ pub(crate) async fn run<F: StoreFactory>(f: &F, p: Property) -> Verdict {
         Err(e) => return Verdict::Failed(err(e)),
     };
     let needs = match p {
-        Property::Race | Property::ConcurrentCheckRace => Some(("atomic_claim", guarantees.atomic_claim)),
+        Property::Race | Property::ConcurrentCheckRace => {
+            Some(("atomic_claim", guarantees.atomic_claim))
+        }
         Property::Fencing => Some(("fenced_completion", guarantees.fenced_completion)),
         Property::Linearizability | Property::ReclaimRace => {
             Some(("linearizable", guarantees.linearizable))
@@ -116,14 +118,32 @@ pub(crate) async fn run<F: StoreFactory>(f: &F, p: Property) -> Verdict {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Begin { key: usize, fp: u8 },
-    Finish { key: usize, lease: usize, failed: bool, response: u8 },
-    Extend { key: usize, lease: usize },
-    Release { key: usize, lease: usize },
-    Get { key: usize },
+    Begin {
+        key: usize,
+        fp: u8,
+    },
+    Finish {
+        key: usize,
+        lease: usize,
+        failed: bool,
+        response: u8,
+    },
+    Extend {
+        key: usize,
+        lease: usize,
+    },
+    Release {
+        key: usize,
+        lease: usize,
+    },
+    Get {
+        key: usize,
+    },
     Purge,
     Stats,
-    Advance { by: usize },
+    Advance {
+        by: usize,
+    },
 }
 
 const ADVANCES: [Duration; 4] = [
@@ -149,7 +169,11 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 }
 
 fn model_keys() -> Result<[Key; 3], String> {
-    Ok([key("tenant-a", "k0")?, key("tenant-a", "k1")?, key("tenant-b", "k0")?])
+    Ok([
+        key("tenant-a", "k0")?,
+        key("tenant-a", "k1")?,
+        key("tenant-b", "k0")?,
+    ])
 }
 
 fn fingerprint(fp: u8) -> Option<Fingerprint> {
@@ -162,7 +186,7 @@ fn pick_lease(leases: &[Lease], key: &Key, i: usize, now: Timestamp) -> Lease {
         Lease {
             key: key.clone(),
             token: Token(u64::from(u32::MAX)),
-            lease_until: now.add(LEASE),
+            lease_until: now.plus(LEASE),
             reclaimed: false,
         }
     } else {
@@ -173,79 +197,106 @@ fn pick_lease(leases: &[Lease], key: &Key, i: usize, now: Timestamp) -> Lease {
 async fn model_check<F: StoreFactory>(f: &F) -> Result<(), String> {
     let cases = 48 * scale();
     let keys = model_keys()?;
-    driver::check(prop::collection::vec(step_strategy(), 1..40), cases, |steps| {
-        let keys = keys.clone();
-        async move {
-            let store = f.create().await.map_err(err)?;
-            let model = MemoryStore::new();
-            let mut now = SystemClock.now();
-            let mut leases: BTreeMap<usize, Vec<Lease>> = BTreeMap::new();
-            for (i, step) in steps.iter().enumerate() {
-                let (k, op) = match *step {
-                    Step::Advance { by } => {
-                        now = now.add(ADVANCES[by]);
-                        continue;
-                    }
-                    Step::Purge => {
-                        let got = store.purge(now, 10_000).await.map_err(err)?;
-                        let want = model.purge(now, 10_000).await.map_err(err)?;
-                        ensure!(got == want, "step {i} purge: store deleted {got}, model {want}");
-                        continue;
-                    }
-                    Step::Stats => {
-                        let got = store.stats().await.map_err(err)?;
-                        let want = model.stats().await.map_err(err)?;
-                        ensure!(got == want, "step {i} stats: store {got:?}, model {want:?}");
-                        continue;
-                    }
-                    Step::Begin { key, fp } => (
-                        key,
-                        Op::Begin {
-                            fingerprint: fingerprint(fp),
-                            deadlines: deadlines(now),
-                        },
-                    ),
-                    Step::Finish { key, lease, failed, response } => (
-                        key,
-                        Op::Finish {
-                            lease: pick_lease(leases.get(&key).map_or(&[], |v| v), &keys[key], lease, now),
+    driver::check(
+        prop::collection::vec(step_strategy(), 1..40),
+        cases,
+        |steps| {
+            let keys = keys.clone();
+            async move {
+                let store = f.create().await.map_err(err)?;
+                let model = MemoryStore::new();
+                let mut now = SystemClock.now();
+                let mut leases: BTreeMap<usize, Vec<Lease>> = BTreeMap::new();
+                for (i, step) in steps.iter().enumerate() {
+                    let (k, op) = match *step {
+                        Step::Advance { by } => {
+                            now = now.plus(ADVANCES[by]);
+                            continue;
+                        }
+                        Step::Purge => {
+                            let got = store.purge(now, 10_000).await.map_err(err)?;
+                            let want = model.purge(now, 10_000).await.map_err(err)?;
+                            ensure!(
+                                got == want,
+                                "step {i} purge: store deleted {got}, model {want}"
+                            );
+                            continue;
+                        }
+                        Step::Stats => {
+                            let got = store.stats().await.map_err(err)?;
+                            let want = model.stats().await.map_err(err)?;
+                            ensure!(got == want, "step {i} stats: store {got:?}, model {want:?}");
+                            continue;
+                        }
+                        Step::Begin { key, fp } => (
+                            key,
+                            Op::Begin {
+                                fingerprint: fingerprint(fp),
+                                deadlines: deadlines(now),
+                            },
+                        ),
+                        Step::Finish {
+                            key,
+                            lease,
                             failed,
-                            response: codec::encode(&response).map_err(err)?,
-                            expires_at: now.add(RETENTION),
-                        },
-                    ),
-                    Step::Extend { key, lease } => (
-                        key,
-                        Op::Extend {
-                            lease: pick_lease(leases.get(&key).map_or(&[], |v| v), &keys[key], lease, now),
-                            deadlines: deadlines(now),
-                        },
-                    ),
-                    Step::Release { key, lease } => (
-                        key,
-                        Op::Release {
-                            lease: pick_lease(leases.get(&key).map_or(&[], |v| v), &keys[key], lease, now),
-                        },
-                    ),
-                    Step::Get { key } => (key, Op::Get),
-                };
-                let got = ops::apply(&store, &keys[k], &op, now).await.map_err(err)?;
-                let want = ops::apply(&model, &keys[k], &op, now).await.map_err(err)?;
-                ensure!(
-                    got == want,
-                    "step {i} on {}: {op:?}\n store answered {got:?}\n model answered {want:?}",
-                    keys[k]
-                );
-                match want {
-                    Ret::Begin(Begin::Acquired(lease)) | Ret::Extend(Some(lease)) => {
-                        leases.entry(k).or_default().push(lease)
+                            response,
+                        } => (
+                            key,
+                            Op::Finish {
+                                lease: pick_lease(
+                                    leases.get(&key).map_or(&[], |v| v),
+                                    &keys[key],
+                                    lease,
+                                    now,
+                                ),
+                                failed,
+                                response: codec::encode(&response).map_err(err)?,
+                                expires_at: now.plus(RETENTION),
+                            },
+                        ),
+                        Step::Extend { key, lease } => (
+                            key,
+                            Op::Extend {
+                                lease: pick_lease(
+                                    leases.get(&key).map_or(&[], |v| v),
+                                    &keys[key],
+                                    lease,
+                                    now,
+                                ),
+                                deadlines: deadlines(now),
+                            },
+                        ),
+                        Step::Release { key, lease } => (
+                            key,
+                            Op::Release {
+                                lease: pick_lease(
+                                    leases.get(&key).map_or(&[], |v| v),
+                                    &keys[key],
+                                    lease,
+                                    now,
+                                ),
+                            },
+                        ),
+                        Step::Get { key } => (key, Op::Get),
+                    };
+                    let got = ops::apply(&store, &keys[k], &op, now).await.map_err(err)?;
+                    let want = ops::apply(&model, &keys[k], &op, now).await.map_err(err)?;
+                    ensure!(
+                        got == want,
+                        "step {i} on {}: {op:?}\n store answered {got:?}\n model answered {want:?}",
+                        keys[k]
+                    );
+                    match want {
+                        Ret::Begin(Begin::Acquired(lease)) | Ret::Extend(Some(lease)) => {
+                            leases.entry(k).or_default().push(lease)
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
+                Ok(())
             }
-            Ok(())
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -289,7 +340,7 @@ async fn linearizability<F: StoreFactory>(f: &F) -> Result<(), String> {
                     if next(10) == 0 {
                         offset.fetch_add(LEASE.as_millis() as u64 + 1, Ordering::SeqCst);
                     }
-                    let now = base.add(Duration::from_millis(offset.load(Ordering::SeqCst)));
+                    let now = base.plus(Duration::from_millis(offset.load(Ordering::SeqCst)));
                     let known: Vec<Lease> = leases
                         .lock()
                         .unwrap()
@@ -297,7 +348,8 @@ async fn linearizability<F: StoreFactory>(f: &F) -> Result<(), String> {
                         .filter(|l| l.key == keys[k])
                         .cloned()
                         .collect();
-                    let lease = (!known.is_empty()).then(|| known[next(known.len() as u64) as usize].clone());
+                    let lease = (!known.is_empty())
+                        .then(|| known[next(known.len() as u64) as usize].clone());
                     let op = match (next(6), lease) {
                         (0..=1, _) | (_, None) => Op::Begin {
                             fingerprint: fingerprint(next(2) as u8),
@@ -307,7 +359,7 @@ async fn linearizability<F: StoreFactory>(f: &F) -> Result<(), String> {
                             lease,
                             failed: next(3) == 0,
                             response: vec![1, next(200) as u8],
-                            expires_at: now.add(RETENTION),
+                            expires_at: now.plus(RETENTION),
                         },
                         (3, Some(lease)) => Op::Extend {
                             lease,
@@ -330,16 +382,27 @@ async fn linearizability<F: StoreFactory>(f: &F) -> Result<(), String> {
                         Ok(Err(e)) if e.is_retryable() => None,
                         Ok(Err(e)) => return Err(err(e)),
                     };
-                    if let Some((_, Ret::Begin(Begin::Acquired(l)) | Ret::Extend(Some(l)))) = &returned {
+                    if let Some((_, Ret::Begin(Begin::Acquired(l)) | Ret::Extend(Some(l)))) =
+                        &returned
+                    {
                         leases.lock().unwrap().push(l.clone());
                     }
-                    history.lock().unwrap().push((k, Event { op, now, invoke, returned }));
+                    history.lock().unwrap().push((
+                        k,
+                        Event {
+                            op,
+                            now,
+                            invoke,
+                            returned,
+                        },
+                    ));
                 }
                 Ok::<(), String>(())
             }));
         }
         for t in tasks {
-            t.await.map_err(|e| format!("a linearizability task panicked: {e}"))??;
+            t.await
+                .map_err(|e| format!("a linearizability task panicked: {e}"))??;
         }
         let history = std::mem::take(&mut *history.lock().unwrap());
         let unknown = history.iter().filter(|(_, e)| e.returned.is_none()).count();
@@ -349,10 +412,13 @@ async fn linearizability<F: StoreFactory>(f: &F) -> Result<(), String> {
             history.len()
         );
         for (k, key) in keys.iter().enumerate() {
-            let events: Vec<Event> = history.iter().filter(|(i, _)| *i == k).map(|(_, e)| e.clone()).collect();
-            linearizability::check(key, &events).map_err(|why| {
-                format!("round {round}, key {key}: {why}\nhistory: {events:#?}")
-            })?;
+            let events: Vec<Event> = history
+                .iter()
+                .filter(|(i, _)| *i == k)
+                .map(|(_, e)| e.clone())
+                .collect();
+            linearizability::check(key, &events)
+                .map_err(|why| format!("round {round}, key {key}: {why}\nhistory: {events:#?}"))?;
         }
     }
     Ok(())
@@ -426,12 +492,16 @@ async fn ttl_trap<F: StoreFactory>(f: &F) -> Result<(), String> {
     let k = key("payments", "ttl-trap")?;
     let fp = Some(Fingerprint::of_bytes(b"amount=100"));
     let executions = AtomicU32::new(0);
-    let first = charge(&env.barrier, &k, fp, &executions, Duration::ZERO).await.map_err(run_err)?;
+    let first = charge(&env.barrier, &k, fp, &executions, Duration::ZERO)
+        .await
+        .map_err(run_err)?;
     ensure!(!first.replayed, "the first request was a replay");
     env.clock.advance(HOURS_26);
     // A clean-up job running now must not forget the key: retention is 7 days.
     env.store.purge(env.clock.now(), 1000).await.map_err(err)?;
-    let late = charge(&env.barrier, &k, fp, &executions, Duration::ZERO).await.map_err(run_err)?;
+    let late = charge(&env.barrier, &k, fp, &executions, Duration::ZERO)
+        .await
+        .map_err(run_err)?;
     ensure!(
         late.replayed && late.outcome == first.outcome,
         "a retry 26 hours later was not replayed: {late:?} (first: {first:?})"
@@ -482,8 +552,13 @@ async fn concurrent_check_race<F: StoreFactory>(f: &F) -> Result<(), String> {
             "round {round}: {DUPLICATES} simultaneous duplicates executed {ran} times \
              ({fresh} fresh, {replays} replays, {busy} in progress, {lost} lost their lease)"
         );
-        let after = charge(&env.barrier, &k, None, &executions, Duration::ZERO).await.map_err(run_err)?;
-        ensure!(after.replayed, "round {round}: the retry after the burst was not a replay");
+        let after = charge(&env.barrier, &k, None, &executions, Duration::ZERO)
+            .await
+            .map_err(run_err)?;
+        ensure!(
+            after.replayed,
+            "round {round}: the retry after the burst was not a replay"
+        );
     }
     Ok(())
 }
@@ -499,18 +574,27 @@ async fn layer_mismatch<F: StoreFactory>(f: &F) -> Result<(), String> {
     let idem_core::Started::Acquired(zombie) = started else {
         return Err("a fresh API key was not acquired".into());
     };
-    published.lock().unwrap().push(zombie.derive("publish").id().to_string());
+    published
+        .lock()
+        .unwrap()
+        .push(zombie.derive("publish").id().to_string());
     env.clock.advance(LEASE + Duration::from_secs(1));
     let publish = Arc::clone(&published);
     env.barrier
         .execute(&api_key, None, |lease| async move {
-            publish.lock().unwrap().push(lease.derive("publish").id().to_string());
+            publish
+                .lock()
+                .unwrap()
+                .push(lease.derive("publish").id().to_string());
             Ok::<_, Failure<String, String>>(1u64)
         })
         .await
         .map_err(run_err)?;
     let ids = published.lock().unwrap().clone();
-    ensure!(ids.len() == 2 && ids[0] == ids[1], "derived ids differ across executions: {ids:?}");
+    ensure!(
+        ids.len() == 2 && ids[0] == ids[1],
+        "derived ids differ across executions: {ids:?}"
+    );
     ensure!(
         api_key.derive("publish") != api_key.derive("email"),
         "different labels derived the same key"
@@ -540,7 +624,12 @@ async fn layer_mismatch<F: StoreFactory>(f: &F) -> Result<(), String> {
 
 // ---------------------------------------------------------------- fencing and friends
 
-async fn acquire<S: Store + ?Sized>(store: &S, k: &Key, fp: Option<&Fingerprint>, now: Timestamp) -> Result<Lease, String> {
+async fn acquire<S: Store + ?Sized>(
+    store: &S,
+    k: &Key,
+    fp: Option<&Fingerprint>,
+    now: Timestamp,
+) -> Result<Lease, String> {
     match store.begin(k, fp, deadlines(now), now).await.map_err(err)? {
         Begin::Acquired(lease) => Ok(lease),
         other => Err(format!("begin on {k} should acquire, answered {other:?}")),
@@ -560,7 +649,7 @@ async fn fencing<F: StoreFactory>(f: &F) -> Result<(), String> {
     let k = key("fencing", "k")?;
     let t0 = env.clock.now();
     let zombie = acquire(s, &k, None, t0).await?;
-    let t1 = t0.add(LEASE + Duration::from_millis(1));
+    let t1 = t0.plus(LEASE + Duration::from_millis(1));
     let successor = acquire(s, &k, None, t1).await?;
     ensure!(
         successor.reclaimed && successor.token > zombie.token,
@@ -568,25 +657,59 @@ async fn fencing<F: StoreFactory>(f: &F) -> Result<(), String> {
     );
     let before = s.get(&k).await.map_err(err)?;
     let resp = codec::encode(&"zombie").map_err(err)?;
-    lease_lost("zombie complete", s.complete(&zombie, &resp, t1.add(RETENTION), t1).await)?;
-    lease_lost("zombie fail", s.fail(&zombie, &resp, t1.add(RETENTION), t1).await)?;
+    lease_lost(
+        "zombie complete",
+        s.complete(&zombie, &resp, t1.plus(RETENTION), t1).await,
+    )?;
+    lease_lost(
+        "zombie fail",
+        s.fail(&zombie, &resp, t1.plus(RETENTION), t1).await,
+    )?;
     lease_lost("zombie extend", s.extend(&zombie, deadlines(t1), t1).await)?;
     lease_lost("zombie release", s.release(&zombie, t1).await)?;
     let after = s.get(&k).await.map_err(err)?;
-    ensure!(before == after, "zombie writes changed the record: {before:?} -> {after:?}");
-    let never_issued = Lease { token: Token(successor.token.0 + 7), ..successor.clone() };
-    lease_lost("never-issued token", s.complete(&never_issued, &resp, t1, t1).await)?;
-    let other_key = Lease { key: key("fencing", "no-record")?, ..successor.clone() };
-    lease_lost("lease on a key without record", s.complete(&other_key, &resp, t1, t1).await)?;
+    ensure!(
+        before == after,
+        "zombie writes changed the record: {before:?} -> {after:?}"
+    );
+    let never_issued = Lease {
+        token: Token(successor.token.0 + 7),
+        ..successor.clone()
+    };
+    lease_lost(
+        "never-issued token",
+        s.complete(&never_issued, &resp, t1, t1).await,
+    )?;
+    let other_key = Lease {
+        key: key("fencing", "no-record")?,
+        ..successor.clone()
+    };
+    lease_lost(
+        "lease on a key without record",
+        s.complete(&other_key, &resp, t1, t1).await,
+    )?;
 
     let ok = codec::encode(&"successor").map_err(err)?;
-    s.complete(&successor, &ok, t1.add(RETENTION), t1).await.map_err(err)?;
-    lease_lost("zombie after completion", s.complete(&zombie, &resp, t1, t1).await)?;
-    lease_lost("successor twice", s.complete(&successor, &resp, t1, t1).await)?;
-    lease_lost("fail after completion", s.fail(&successor, &resp, t1, t1).await)?;
+    s.complete(&successor, &ok, t1.plus(RETENTION), t1)
+        .await
+        .map_err(err)?;
+    lease_lost(
+        "zombie after completion",
+        s.complete(&zombie, &resp, t1, t1).await,
+    )?;
+    lease_lost(
+        "successor twice",
+        s.complete(&successor, &resp, t1, t1).await,
+    )?;
+    lease_lost(
+        "fail after completion",
+        s.fail(&successor, &resp, t1, t1).await,
+    )?;
     match s.begin(&k, None, deadlines(t1), t1).await.map_err(err)? {
         Begin::Completed { response } if response == ok => Ok(()),
-        other => Err(format!("after fencing, the successor's outcome must replay; got {other:?}")),
+        other => Err(format!(
+            "after fencing, the successor's outcome must replay; got {other:?}"
+        )),
     }
 }
 
@@ -596,12 +719,17 @@ async fn reclaim_race<F: StoreFactory>(f: &F) -> Result<(), String> {
         let k = key("reclaim-race", &format!("k{round}"))?;
         let t0 = env.clock.now();
         let old = acquire(&*env.store, &k, None, t0).await?;
-        let t1 = t0.add(LEASE + Duration::from_millis(1));
+        let t1 = t0.plus(LEASE + Duration::from_millis(1));
         let resp = codec::encode(&round).map_err(err)?;
         let (store_a, store_b) = (Arc::clone(&env.store), Arc::clone(&env.store));
         let (old2, resp2, k2) = (old.clone(), resp.clone(), k.clone());
-        let finish = tokio::spawn(async move { store_a.complete(&old2, &resp2, t1.add(RETENTION), t1).await });
-        let reclaim = tokio::spawn(async move { store_b.begin(&k2, None, deadlines(t1), t1).await });
+        let finish = tokio::spawn(async move {
+            store_a
+                .complete(&old2, &resp2, t1.plus(RETENTION), t1)
+                .await
+        });
+        let reclaim =
+            tokio::spawn(async move { store_b.begin(&k2, None, deadlines(t1), t1).await });
         let finished = finish.await.map_err(|e| e.to_string())?;
         let reclaimed = reclaim.await.map_err(|e| e.to_string())?.map_err(err)?;
         match (&finished, &reclaimed) {
@@ -621,7 +749,10 @@ async fn reclaim_race<F: StoreFactory>(f: &F) -> Result<(), String> {
             (Err(_), Some(State::InProgress { token, .. })) => *token > old.token,
             _ => false,
         };
-        ensure!(consistent, "round {round}: record {rec:?} contradicts {finished:?}");
+        ensure!(
+            consistent,
+            "round {round}: record {rec:?} contradicts {finished:?}"
+        );
     }
     Ok(())
 }
@@ -629,40 +760,81 @@ async fn reclaim_race<F: StoreFactory>(f: &F) -> Result<(), String> {
 async fn mismatch_every_path<F: StoreFactory>(f: &F) -> Result<(), String> {
     let env = env(f).await?;
     let s = &*env.store;
-    let (a, b) = (Fingerprint::of_bytes(b"amount=100"), Fingerprint::of_bytes(b"amount=999"));
+    let (a, b) = (
+        Fingerprint::of_bytes(b"amount=100"),
+        Fingerprint::of_bytes(b"amount=999"),
+    );
     let now = env.clock.now();
     let resp = codec::encode(&"ok").map_err(err)?;
     let expect_mismatch = |path: &str, got: Begin| -> Result<(), String> {
-        ensure!(got == Begin::Mismatch, "{path}: a different fingerprint answered {got:?}");
+        ensure!(
+            got == Begin::Mismatch,
+            "{path}: a different fingerprint answered {got:?}"
+        );
         Ok(())
     };
 
     let in_flight = key("mismatch", "in-flight")?;
     acquire(s, &in_flight, Some(&a), now).await?;
-    expect_mismatch("in flight", s.begin(&in_flight, Some(&b), deadlines(now), now).await.map_err(err)?)?;
+    expect_mismatch(
+        "in flight",
+        s.begin(&in_flight, Some(&b), deadlines(now), now)
+            .await
+            .map_err(err)?,
+    )?;
 
     let completed = key("mismatch", "completed")?;
     let l = acquire(s, &completed, Some(&a), now).await?;
-    s.complete(&l, &resp, now.add(RETENTION), now).await.map_err(err)?;
-    expect_mismatch("completed", s.begin(&completed, Some(&b), deadlines(now), now).await.map_err(err)?)?;
-    let same = s.begin(&completed, Some(&a), deadlines(now), now).await.map_err(err)?;
+    s.complete(&l, &resp, now.plus(RETENTION), now)
+        .await
+        .map_err(err)?;
+    expect_mismatch(
+        "completed",
+        s.begin(&completed, Some(&b), deadlines(now), now)
+            .await
+            .map_err(err)?,
+    )?;
+    let same = s
+        .begin(&completed, Some(&a), deadlines(now), now)
+        .await
+        .map_err(err)?;
     ensure!(
-        same == Begin::Completed { response: resp.clone() },
+        same == Begin::Completed {
+            response: resp.clone()
+        },
         "an identical retry after completion must replay, got {same:?}"
     );
-    let bare = s.begin(&completed, None, deadlines(now), now).await.map_err(err)?;
-    ensure!(matches!(bare, Begin::Completed { .. }), "a retry without fingerprint must replay, got {bare:?}");
+    let bare = s
+        .begin(&completed, None, deadlines(now), now)
+        .await
+        .map_err(err)?;
+    ensure!(
+        matches!(bare, Begin::Completed { .. }),
+        "a retry without fingerprint must replay, got {bare:?}"
+    );
 
     let failed = key("mismatch", "failed")?;
     let l = acquire(s, &failed, Some(&a), now).await?;
-    s.fail(&l, &resp, now.add(RETENTION), now).await.map_err(err)?;
-    expect_mismatch("failed", s.begin(&failed, Some(&b), deadlines(now), now).await.map_err(err)?)?;
+    s.fail(&l, &resp, now.plus(RETENTION), now)
+        .await
+        .map_err(err)?;
+    expect_mismatch(
+        "failed",
+        s.begin(&failed, Some(&b), deadlines(now), now)
+            .await
+            .map_err(err)?,
+    )?;
 
     let stale = key("mismatch", "reclaim")?;
     acquire(s, &stale, Some(&a), now).await?;
-    let later = now.add(LEASE + Duration::from_secs(1));
+    let later = now.plus(LEASE + Duration::from_secs(1));
     let before = s.get(&stale).await.map_err(err)?;
-    expect_mismatch("reclaim", s.begin(&stale, Some(&b), deadlines(later), later).await.map_err(err)?)?;
+    expect_mismatch(
+        "reclaim",
+        s.begin(&stale, Some(&b), deadlines(later), later)
+            .await
+            .map_err(err)?,
+    )?;
     ensure!(
         s.get(&stale).await.map_err(err)? == before,
         "a mismatched reclaim attempt changed the record"
@@ -671,18 +843,30 @@ async fn mismatch_every_path<F: StoreFactory>(f: &F) -> Result<(), String> {
     let released = key("mismatch", "released")?;
     let l = acquire(s, &released, Some(&a), now).await?;
     s.release(&l, now).await.map_err(err)?;
-    expect_mismatch("released", s.begin(&released, Some(&b), deadlines(now), now).await.map_err(err)?)?;
+    expect_mismatch(
+        "released",
+        s.begin(&released, Some(&b), deadlines(now), now)
+            .await
+            .map_err(err)?,
+    )?;
 
     // Through the barrier: the stored digest survives completion and still guards replays.
     let via = key("mismatch", "barrier")?;
     let ex = AtomicU32::new(0);
-    charge(&env.barrier, &via, Some(a), &ex, Duration::ZERO).await.map_err(run_err)?;
+    charge(&env.barrier, &via, Some(a), &ex, Duration::ZERO)
+        .await
+        .map_err(run_err)?;
     match charge(&env.barrier, &via, Some(b), &ex, Duration::ZERO).await {
         Err(RunError::Barrier(Error::Mismatch)) => {}
         other => return Err(format!("barrier replay with another payload: {other:?}")),
     }
-    let again = charge(&env.barrier, &via, Some(a), &ex, Duration::ZERO).await.map_err(run_err)?;
-    ensure!(again.replayed, "identical retry through the barrier must replay");
+    let again = charge(&env.barrier, &via, Some(a), &ex, Duration::ZERO)
+        .await
+        .map_err(run_err)?;
+    ensure!(
+        again.replayed,
+        "identical retry through the barrier must replay"
+    );
     Ok(())
 }
 
@@ -694,22 +878,45 @@ async fn release<F: StoreFactory>(f: &F) -> Result<(), String> {
     let mut last = Token(0);
     for cycle in 0..5 {
         let l = acquire(s, &k, None, now).await?;
-        ensure!(l.token > last, "cycle {cycle}: token {:?} did not grow past {last:?}", l.token);
-        ensure!(!l.reclaimed || cycle == 0, "cycle {cycle}: acquiring a released key is not a stale reclaim");
+        ensure!(
+            l.token > last,
+            "cycle {cycle}: token {:?} did not grow past {last:?}",
+            l.token
+        );
+        ensure!(
+            !l.reclaimed || cycle == 0,
+            "cycle {cycle}: acquiring a released key is not a stale reclaim"
+        );
         last = l.token;
         s.release(&l, now).await.map_err(err)?;
         lease_lost("double release", s.release(&l, now).await)?;
-        lease_lost("complete after release", s.complete(&l, b"\x01\"x\"", now, now).await)?;
-        lease_lost("extend after release", s.extend(&l, deadlines(now), now).await)?;
+        lease_lost(
+            "complete after release",
+            s.complete(&l, b"\x01\"x\"", now, now).await,
+        )?;
+        lease_lost(
+            "extend after release",
+            s.extend(&l, deadlines(now), now).await,
+        )?;
     }
     let ex = AtomicU32::new(0);
     let failed: Charge = env
         .barrier
-        .execute(&k, None, |_| async { Err(Failure::Retryable("network".to_string())) })
+        .execute(&k, None, |_| async {
+            Err(Failure::Retryable("network".to_string()))
+        })
         .await;
-    ensure!(matches!(failed, Err(RunError::Operation(_))), "retryable failure: {failed:?}");
-    let next = charge(&env.barrier, &k, None, &ex, Duration::ZERO).await.map_err(run_err)?;
-    ensure!(!next.replayed && ex.load(Ordering::SeqCst) == 1, "after a retryable failure the next request must execute");
+    ensure!(
+        matches!(failed, Err(RunError::Operation(_))),
+        "retryable failure: {failed:?}"
+    );
+    let next = charge(&env.barrier, &k, None, &ex, Duration::ZERO)
+        .await
+        .map_err(run_err)?;
+    ensure!(
+        !next.replayed && ex.load(Ordering::SeqCst) == 1,
+        "after a retryable failure the next request must execute"
+    );
     Ok(())
 }
 
@@ -721,10 +928,10 @@ async fn purge<F: StoreFactory>(f: &F) -> Result<(), String> {
     let resp = codec::encode(&1).map_err(err)?;
     let done = key("purge", "completed")?;
     let l = acquire(s, &done, None, t).await?;
-    s.complete(&l, &resp, t.add(hour), t).await.map_err(err)?;
+    s.complete(&l, &resp, t.plus(hour), t).await.map_err(err)?;
     let failed = key("purge", "failed")?;
     let l = acquire(s, &failed, None, t).await?;
-    s.fail(&l, &resp, t.add(hour * 2), t).await.map_err(err)?;
+    s.fail(&l, &resp, t.plus(hour * 2), t).await.map_err(err)?;
     let running = key("purge", "in-progress")?;
     acquire(s, &running, None, t).await?;
 
@@ -733,25 +940,41 @@ async fn purge<F: StoreFactory>(f: &F) -> Result<(), String> {
     for k in &keys {
         before.push(s.get(k).await.map_err(err)?);
     }
-    let deleted = s.purge(t.add(hour / 2), 100).await.map_err(err)?;
+    let deleted = s.purge(t.plus(hour / 2), 100).await.map_err(err)?;
     let mut after = Vec::new();
     for k in &keys {
         after.push(s.get(k).await.map_err(err)?);
     }
-    ensure!(deleted == 0 && before == after, "purge inside retention deleted {deleted} records");
+    ensure!(
+        deleted == 0 && before == after,
+        "purge inside retention deleted {deleted} records"
+    );
 
-    let deleted = s.purge(t.add(hour), 100).await.map_err(err)?;
-    ensure!(deleted == 1, "purge at the first expiry deleted {deleted}, expected exactly the completed record");
-    ensure!(s.get(&done).await.map_err(err)?.is_none(), "the expired record is still there");
-    ensure!(s.get(&failed).await.map_err(err)?.is_some(), "a record inside retention was purged");
+    let deleted = s.purge(t.plus(hour), 100).await.map_err(err)?;
+    ensure!(
+        deleted == 1,
+        "purge at the first expiry deleted {deleted}, expected exactly the completed record"
+    );
+    ensure!(
+        s.get(&done).await.map_err(err)?.is_none(),
+        "the expired record is still there"
+    );
+    ensure!(
+        s.get(&failed).await.map_err(err)?.is_some(),
+        "a record inside retention was purged"
+    );
     let stats = s.stats().await.map_err(err)?;
     ensure!(
         (stats.in_progress, stats.completed, stats.failed) == (1, 0, 1),
         "stats after purge: {stats:?}"
     );
     // A forgotten key is a new key: only purge forgets.
-    let again = acquire(s, &done, None, t.add(hour)).await?;
-    ensure!(again.token == Token(1), "a purged key restarted at {:?}", again.token);
+    let again = acquire(s, &done, None, t.plus(hour)).await?;
+    ensure!(
+        again.token == Token(1),
+        "a purged key restarted at {:?}",
+        again.token
+    );
 
     // Batches: five expired records go two at a time.
     for i in 0..5 {
@@ -759,7 +982,7 @@ async fn purge<F: StoreFactory>(f: &F) -> Result<(), String> {
         let l = acquire(s, &k, None, t).await?;
         s.complete(&l, &resp, t, t).await.map_err(err)?;
     }
-    let late = t.add(hour * 24 * 30);
+    let late = t.plus(hour * 24 * 30);
     let mut batches = Vec::new();
     loop {
         let n = s.purge(late, 2).await.map_err(err)?;
@@ -786,11 +1009,20 @@ async fn scope_isolation<F: StoreFactory>(f: &F) -> Result<(), String> {
         (key("", "k")?, key(" ", "k")?),
     ];
     for (x, y) in &pairs {
-        let rx = charge(&env.barrier, x, None, &ex, Duration::ZERO).await.map_err(run_err)?;
-        let ry = charge(&env.barrier, y, None, &ex, Duration::ZERO).await.map_err(run_err)?;
+        let rx = charge(&env.barrier, x, None, &ex, Duration::ZERO)
+            .await
+            .map_err(run_err)?;
+        let ry = charge(&env.barrier, y, None, &ex, Duration::ZERO)
+            .await
+            .map_err(run_err)?;
         ensure!(!rx.replayed && !ry.replayed, "{y} replayed {x}'s response");
-        let rx2 = charge(&env.barrier, x, None, &ex, Duration::ZERO).await.map_err(run_err)?;
-        ensure!(rx2.replayed && rx2.outcome == rx.outcome, "{x} lost its own outcome");
+        let rx2 = charge(&env.barrier, x, None, &ex, Duration::ZERO)
+            .await
+            .map_err(run_err)?;
+        ensure!(
+            rx2.replayed && rx2.outcome == rx.outcome,
+            "{x} lost its own outcome"
+        );
     }
     Ok(())
 }
@@ -800,36 +1032,65 @@ async fn bad_input<F: StoreFactory>(f: &F) -> Result<(), String> {
     let s = &*env.store;
     let now = env.clock.now();
     // Responses are opaque bytes and come back exactly.
-    let samples: Vec<Vec<u8>> = vec![vec![], vec![0], vec![0xff, 0, 0xfe], (0..=255u8).cycle().take(64 * 1024).collect()];
+    let samples: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0],
+        vec![0xff, 0, 0xfe],
+        (0..=255u8).cycle().take(64 * 1024).collect(),
+    ];
     for (i, bytes) in samples.iter().enumerate() {
         let k = key("bytes", &format!("k{i}"))?;
         let l = acquire(s, &k, None, now).await?;
-        s.complete(&l, bytes, now.add(RETENTION), now).await.map_err(err)?;
+        s.complete(&l, bytes, now.plus(RETENTION), now)
+            .await
+            .map_err(err)?;
         match s.begin(&k, None, deadlines(now), now).await.map_err(err)? {
             Begin::Completed { response } if response == *bytes => {}
-            other => return Err(format!("{} bytes did not round-trip: {:?}", bytes.len(), other)),
+            other => {
+                return Err(format!(
+                    "{} bytes did not round-trip: {:?}",
+                    bytes.len(),
+                    other
+                ))
+            }
         }
     }
     // Unknown and corrupt stored formats are typed errors at replay, never a wrong answer.
-    for (id, stored, want) in [("unknown", b"\x09{}".to_vec(), "UnknownFormat"), ("corrupt", b"\x01{\"amou".to_vec(), "Corrupt")] {
+    for (id, stored, want) in [
+        ("unknown", b"\x09{}".to_vec(), "UnknownFormat"),
+        ("corrupt", b"\x01{\"amou".to_vec(), "Corrupt"),
+    ] {
         let k = key("formats", id)?;
         let l = acquire(s, &k, None, now).await?;
-        s.complete(&l, &stored, now.add(RETENTION), now).await.map_err(err)?;
+        s.complete(&l, &stored, now.plus(RETENTION), now)
+            .await
+            .map_err(err)?;
         let r: Result<Response<u64, String>, RunError<String>> =
             env.barrier.execute(&k, None, |_| async { Ok(1) }).await;
         let ok = matches!(
             (&r, want),
-            (Err(RunError::Barrier(Error::UnknownFormat { .. })), "UnknownFormat")
-                | (Err(RunError::Barrier(Error::Corrupt(_))), "Corrupt")
+            (
+                Err(RunError::Barrier(Error::UnknownFormat { .. })),
+                "UnknownFormat"
+            ) | (Err(RunError::Barrier(Error::Corrupt(_))), "Corrupt")
         );
         ensure!(ok, "stored {id} outcome: expected {want}, got {r:?}");
     }
     // Invalid keys never reach a store.
     for (scope, id) in [("s", ""), ("s", "has space"), ("s", "ключ"), ("a\nb", "k")] {
-        ensure!(Key::new(scope, id).is_err(), "key ({scope:?}, {id:?}) was accepted");
+        ensure!(
+            Key::new(scope, id).is_err(),
+            "key ({scope:?}, {id:?}) was accepted"
+        );
     }
-    ensure!(Key::new("s", "x".repeat(256)).is_err(), "a 256-byte id was accepted");
+    ensure!(
+        Key::new("s", "x".repeat(256)).is_err(),
+        "a 256-byte id was accepted"
+    );
     let stats = s.stats().await.map_err(err)?;
-    ensure!(stats.total() == (samples.len() + 2) as u64, "stats count {stats:?}");
+    ensure!(
+        stats.total() == (samples.len() + 2) as u64,
+        "stats count {stats:?}"
+    );
     Ok(())
 }

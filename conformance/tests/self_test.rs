@@ -39,7 +39,7 @@ impl Broken {
         let rec = self.records.lock().unwrap().get(key).cloned();
         match self.bug {
             Bug::TtlAsAbsence => {
-                rec.filter(|r| r.updated_at.add(Duration::from_secs(24 * 3600)) > now)
+                rec.filter(|r| r.updated_at.plus(Duration::from_secs(24 * 3600)) > now)
             }
             _ => rec,
         }
@@ -49,13 +49,24 @@ impl Broken {
         self.records.lock().unwrap().insert(rec.key.clone(), rec);
     }
 
-    fn finish(&self, lease: &Lease, failed: bool, response: &[u8], expires_at: Timestamp, now: Timestamp) -> Result<(), Error> {
+    fn finish(
+        &self,
+        lease: &Lease,
+        failed: bool,
+        response: &[u8],
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), Error> {
         let rec = self.records.lock().unwrap().get(&lease.key).cloned();
         let next = match (self.bug, rec) {
             (Bug::UnfencedCompletion, Some(rec)) => {
                 let response = response.to_vec();
                 Record {
-                    state: if failed { State::Failed { response } } else { State::Completed { response } },
+                    state: if failed {
+                        State::Failed { response }
+                    } else {
+                        State::Completed { response }
+                    },
                     updated_at: now,
                     expires_at,
                     ..rec
@@ -81,20 +92,44 @@ impl Store for Broken {
         Guarantees::in_memory()
     }
 
-    async fn begin(&self, key: &Key, fp: Option<&Fingerprint>, d: Deadlines, now: Timestamp) -> Result<Begin, Error> {
+    async fn begin(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        d: Deadlines,
+        now: Timestamp,
+    ) -> Result<Begin, Error> {
         let rec = self.read(key, now);
         match (self.bug, &rec) {
             (Bug::CheckThenInsert, None) => widen_race().await,
-            (Bug::ReclaimOverwrites, Some(Record { state: State::InProgress { lease_until, .. }, .. }))
-                if *lease_until <= now =>
-            {
-                widen_race().await
+            (
+                Bug::ReclaimOverwrites,
+                Some(Record {
+                    state: State::InProgress { lease_until, .. },
+                    ..
+                }),
+            ) if *lease_until <= now => widen_race().await,
+            (
+                Bug::NoValidationOnReplay,
+                Some(Record {
+                    state: State::Completed { response },
+                    ..
+                }),
+            ) => {
+                return Ok(Begin::Completed {
+                    response: response.clone(),
+                })
             }
-            (Bug::NoValidationOnReplay, Some(Record { state: State::Completed { response }, .. })) => {
-                return Ok(Begin::Completed { response: response.clone() })
-            }
-            (Bug::NoValidationOnReplay, Some(Record { state: State::Failed { response }, .. })) => {
-                return Ok(Begin::Failed { response: response.clone() })
+            (
+                Bug::NoValidationOnReplay,
+                Some(Record {
+                    state: State::Failed { response },
+                    ..
+                }),
+            ) => {
+                return Ok(Begin::Failed {
+                    response: response.clone(),
+                })
             }
             _ => {}
         }
@@ -105,11 +140,23 @@ impl Store for Broken {
         Ok(answer)
     }
 
-    async fn complete(&self, lease: &Lease, response: &[u8], expires_at: Timestamp, now: Timestamp) -> Result<(), Error> {
+    async fn complete(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), Error> {
         self.finish(lease, false, response, expires_at, now)
     }
 
-    async fn fail(&self, lease: &Lease, response: &[u8], expires_at: Timestamp, now: Timestamp) -> Result<(), Error> {
+    async fn fail(
+        &self,
+        lease: &Lease,
+        response: &[u8],
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), Error> {
         self.finish(lease, true, response, expires_at, now)
     }
 
@@ -136,7 +183,12 @@ impl Store for Broken {
 
     async fn purge(&self, now: Timestamp, batch: usize) -> Result<u64, Error> {
         let mut records = self.records.lock().unwrap();
-        let doomed: Vec<Key> = records.values().filter(|r| r.expires_at <= now).map(|r| r.key.clone()).take(batch).collect();
+        let doomed: Vec<Key> = records
+            .values()
+            .filter(|r| r.expires_at <= now)
+            .map(|r| r.key.clone())
+            .take(batch)
+            .collect();
         for k in &doomed {
             records.remove(k);
         }
@@ -163,7 +215,10 @@ impl StoreFactory for BrokenFactory {
     }
 
     async fn create(&self) -> Result<Broken, Error> {
-        Ok(Broken { bug: self.0, records: Mutex::default() })
+        Ok(Broken {
+            bug: self.0,
+            records: Mutex::default(),
+        })
     }
 }
 
@@ -171,7 +226,10 @@ async fn rejected(bug: Bug, by: &[&str]) -> Report {
     let report = run_all(&BrokenFactory(bug)).await;
     println!("{bug:?}:\n{report}");
     for name in by {
-        assert!(report.failed(name), "{bug:?} was not rejected by `{name}`:\n{report}");
+        assert!(
+            report.failed(name),
+            "{bug:?} was not rejected by `{name}`:\n{report}"
+        );
     }
     report
 }
@@ -193,7 +251,11 @@ async fn unfenced_completion_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_validation_on_replay_is_rejected() {
-    rejected(Bug::NoValidationOnReplay, &["mismatch_every_path", "model_check"]).await;
+    rejected(
+        Bug::NoValidationOnReplay,
+        &["mismatch_every_path", "model_check"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -113,7 +113,9 @@ pub struct Replay {
 
 impl Replay {
     /// Decodes the stored outcome.
-    pub fn decode<T: DeserializeOwned, F: DeserializeOwned>(&self) -> Result<Response<T, F>, Error> {
+    pub fn decode<T: DeserializeOwned, F: DeserializeOwned>(
+        &self,
+    ) -> Result<Response<T, F>, Error> {
         Response::from_stored(self.failed, &self.response)
     }
 }
@@ -215,16 +217,16 @@ impl<S: ?Sized> Barrier<S> {
 
     /// Lease deadline and retention for a claim made at `now`.
     pub fn deadlines(&self, now: Timestamp) -> Deadlines {
-        let lease_until = now.add(self.lease);
+        let lease_until = now.plus(self.lease);
         Deadlines {
             lease_until,
-            expires_at: lease_until.add(self.retention),
+            expires_at: lease_until.plus(self.retention),
         }
     }
 
     /// When an outcome written at `now` may be purged.
     pub fn expiry(&self, now: Timestamp) -> Timestamp {
-        now.add(self.retention)
+        now.plus(self.retention)
     }
 }
 
@@ -502,7 +504,12 @@ mod tests {
         (barrier, clock, Key::new("t", "k").unwrap())
     }
 
-    async fn run(b: &Barrier<MemoryStore>, key: &Key, calls: &AtomicU32, result: Result<u32, Failure<String, &'static str>>) -> R {
+    async fn run(
+        b: &Barrier<MemoryStore>,
+        key: &Key,
+        calls: &AtomicU32,
+        result: Result<u32, Failure<String, &'static str>>,
+    ) -> R {
         b.execute(key, None, |_| async {
             calls.fetch_add(1, Ordering::SeqCst);
             result
@@ -515,16 +522,29 @@ mod tests {
         let (b, clock, key) = setup();
         let calls = AtomicU32::new(0);
         let first = run(&b, &key, &calls, Ok(7)).await.unwrap();
-        assert_eq!((first.outcome, first.replayed), (Outcome::Completed(7), false));
+        assert_eq!(
+            (first.outcome, first.replayed),
+            (Outcome::Completed(7), false)
+        );
         clock.advance(Duration::from_secs(26 * 3600));
         let late = run(&b, &key, &calls, Ok(8)).await.unwrap();
         assert_eq!((late.outcome, late.replayed), (Outcome::Completed(7), true));
 
         let key2 = Key::new("t", "declined").unwrap();
-        let f = run(&b, &key2, &calls, Err(Failure::Permanent("declined".into()))).await.unwrap();
+        let f = run(
+            &b,
+            &key2,
+            &calls,
+            Err(Failure::Permanent("declined".into())),
+        )
+        .await
+        .unwrap();
         assert_eq!(f.outcome, Outcome::Failed("declined".to_string()));
         let again = run(&b, &key2, &calls, Ok(1)).await.unwrap();
-        assert_eq!((again.outcome, again.replayed), (Outcome::Failed("declined".to_string()), true));
+        assert_eq!(
+            (again.outcome, again.replayed),
+            (Outcome::Failed("declined".to_string()), true)
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
@@ -532,7 +552,9 @@ mod tests {
     async fn retryable_failure_releases_the_key() {
         let (b, _clock, key) = setup();
         let calls = AtomicU32::new(0);
-        let err = run(&b, &key, &calls, Err(Failure::Retryable("timeout"))).await.unwrap_err();
+        let err = run(&b, &key, &calls, Err(Failure::Retryable("timeout")))
+            .await
+            .unwrap_err();
         assert!(matches!(err, RunError::Operation("timeout")));
         let ok = run(&b, &key, &calls, Ok(3)).await.unwrap();
         assert_eq!((ok.outcome, ok.replayed), (Outcome::Completed(3), false));
@@ -549,7 +571,9 @@ mod tests {
         };
         clock.advance(Duration::from_secs(4));
         match b.begin(&key, None).await {
-            Err(Error::InProgress { retry_after }) => assert_eq!(retry_after, Duration::from_secs(6)),
+            Err(Error::InProgress { retry_after }) => {
+                assert_eq!(retry_after, Duration::from_secs(6))
+            }
             other => panic!("expected InProgress, got {other:?}"),
         }
         handle.complete(&5u32).await.unwrap();
@@ -558,20 +582,35 @@ mod tests {
     #[tokio::test]
     async fn reclaim_fences_the_zombie_and_extend_keeps_the_lease() {
         let (b, clock, key) = setup();
-        let Started::Acquired(zombie) = b.begin(&key, None).await.unwrap() else { panic!() };
+        let Started::Acquired(zombie) = b.begin(&key, None).await.unwrap() else {
+            panic!()
+        };
         clock.advance(Duration::from_secs(8));
         zombie.extend().await.unwrap();
         clock.advance(Duration::from_secs(8));
-        assert!(matches!(b.begin(&key, None).await, Err(Error::InProgress { .. })), "extended lease still live");
+        assert!(
+            matches!(b.begin(&key, None).await, Err(Error::InProgress { .. })),
+            "extended lease still live"
+        );
         clock.advance(Duration::from_secs(3));
-        let Started::Acquired(successor) = b.begin(&key, None).await.unwrap() else { panic!() };
+        let Started::Acquired(successor) = b.begin(&key, None).await.unwrap() else {
+            panic!()
+        };
         assert!(successor.lease().reclaimed);
-        assert!(matches!(zombie.complete(&1u32).await, Err(Error::LeaseLost)));
+        assert!(matches!(
+            zombie.complete(&1u32).await,
+            Err(Error::LeaseLost)
+        ));
         assert!(matches!(zombie.extend().await, Err(Error::LeaseLost)));
         assert!(matches!(zombie.release().await, Err(Error::LeaseLost)));
         successor.complete(&2u32).await.unwrap();
         let rec = b.store().get(&key).await.unwrap().unwrap();
-        assert_eq!(rec.state, State::Completed { response: codec::encode(&2u32).unwrap() });
+        assert_eq!(
+            rec.state,
+            State::Completed {
+                response: codec::encode(&2u32).unwrap()
+            }
+        );
     }
 
     #[tokio::test]
@@ -582,7 +621,9 @@ mod tests {
         let r: R = b
             .execute(&key, None, |_| async move {
                 clock.advance(Duration::from_secs(11));
-                let Started::Acquired(other) = b2.begin(&key2, None).await.unwrap() else { panic!() };
+                let Started::Acquired(other) = b2.begin(&key2, None).await.unwrap() else {
+                    panic!()
+                };
                 other.complete(&9u32).await.unwrap();
                 Ok(1)
             })
@@ -602,11 +643,15 @@ mod tests {
         let mm: R = b.execute(&key, Some(fb), |_| async { Ok(1) }).await;
         assert!(matches!(mm, Err(RunError::Barrier(Error::Mismatch))));
         let same: R = b.execute(&key, Some(fa), |_| async { Ok(2) }).await;
-        assert!(same.unwrap().replayed, "an identical retry passes validation");
+        assert!(
+            same.unwrap().replayed,
+            "an identical retry passes validation"
+        );
 
         // A stored outcome of the wrong type is corrupt, not a wrong replay.
-        let wrong: Result<Response<String, String>, RunError<()>> =
-            b.execute(&key, Some(fa), |_| async { Ok("x".to_string()) }).await;
+        let wrong: Result<Response<String, String>, RunError<()>> = b
+            .execute(&key, Some(fa), |_| async { Ok("x".to_string()) })
+            .await;
         assert!(matches!(wrong, Err(RunError::Barrier(Error::Corrupt(_)))));
     }
 }

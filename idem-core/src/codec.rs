@@ -59,9 +59,18 @@ mod tests {
 
     #[test]
     fn unknown_tag_empty_and_garbage_are_typed_errors() {
-        assert!(matches!(decode::<Charge>(b"\x02{}"), Err(Error::UnknownFormat { .. })));
+        assert!(matches!(
+            decode::<Charge>(b"\x02{}"),
+            Err(Error::UnknownFormat { .. })
+        ));
         assert!(matches!(decode::<Charge>(b""), Err(Error::Corrupt(_))));
-        assert!(matches!(decode::<Charge>(b"\x01{\"id\":"), Err(Error::Corrupt(_))));
-        assert!(matches!(decode::<Charge>(b"\x01{\"id\":\"x\",\"amount\":1}"), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            decode::<Charge>(b"\x01{\"id\":"),
+            Err(Error::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode::<Charge>(b"\x01{\"id\":\"x\",\"amount\":1}"),
+            Err(Error::Corrupt(_))
+        ));
     }
 }

@@ -117,7 +117,11 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::InProgress { .. } | Error::Store { retryable: true, .. }
+            Error::InProgress { .. }
+                | Error::Store {
+                    retryable: true,
+                    ..
+                }
         )
     }
 

@@ -115,7 +115,10 @@ mod tests {
     fn nested_key_order_does_not_matter() {
         let a = serde_json::json!({"b": {"y": 1, "x": [ {"q": 1, "p": 2} ]}, "a": null});
         let b = serde_json::json!({"a": null, "b": {"x": [ {"p": 2, "q": 1} ], "y": 1}});
-        assert_eq!(Fingerprint::of_json(&a).unwrap(), Fingerprint::of_json(&b).unwrap());
+        assert_eq!(
+            Fingerprint::of_json(&a).unwrap(),
+            Fingerprint::of_json(&b).unwrap()
+        );
     }
 
     #[test]

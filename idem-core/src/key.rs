@@ -120,7 +120,11 @@ fn validate_scope(scope: &str) -> Result<(), Error> {
     if scope.len() > MAX_SCOPE_LEN {
         return Err(KeyError::ScopeTooLong { len: scope.len() }.into());
     }
-    if let Some(position) = scope.char_indices().find(|(_, c)| c.is_control()).map(|(i, _)| i) {
+    if let Some(position) = scope
+        .char_indices()
+        .find(|(_, c)| c.is_control())
+        .map(|(i, _)| i)
+    {
         return Err(KeyError::ScopeControlChar { position }.into());
     }
     Ok(())

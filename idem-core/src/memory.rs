@@ -62,7 +62,14 @@ impl MemoryStore {
         now: Timestamp,
     ) -> Result<(), Error> {
         let mut records = self.lock();
-        let next = model::finish(records.get(&lease.key), lease, failed, response, expires_at, now)?;
+        let next = model::finish(
+            records.get(&lease.key),
+            lease,
+            failed,
+            response,
+            expires_at,
+            now,
+        )?;
         records.insert(lease.key.clone(), next);
         Ok(())
     }

@@ -206,11 +206,31 @@ mod tests {
         let (l2, r2) = acquire(Some(&r1), 10);
         assert!(l2.reclaimed);
         assert!(matches!(
-            finish(Some(&r2), &l1, false, b"x", Timestamp::from_millis(99), Timestamp::from_millis(11)),
+            finish(
+                Some(&r2),
+                &l1,
+                false,
+                b"x",
+                Timestamp::from_millis(99),
+                Timestamp::from_millis(11)
+            ),
             Err(Error::LeaseLost)
         ));
-        let done = finish(Some(&r2), &l2, false, b"y", Timestamp::from_millis(99), Timestamp::from_millis(11)).unwrap();
-        assert_eq!(done.state, State::Completed { response: b"y".to_vec() });
+        let done = finish(
+            Some(&r2),
+            &l2,
+            false,
+            b"y",
+            Timestamp::from_millis(99),
+            Timestamp::from_millis(11),
+        )
+        .unwrap();
+        assert_eq!(
+            done.state,
+            State::Completed {
+                response: b"y".to_vec()
+            }
+        );
     }
 
     #[test]
@@ -220,7 +240,13 @@ mod tests {
         let (ans, rec) = begin(None, &key(), Some(&fa), d(10), Timestamp::from_millis(0));
         assert!(matches!(ans, Begin::Acquired(_)));
         let rec = rec.unwrap();
-        let (ans, _) = begin(Some(&rec), &key(), Some(&fb), d(10), Timestamp::from_millis(1));
+        let (ans, _) = begin(
+            Some(&rec),
+            &key(),
+            Some(&fb),
+            d(10),
+            Timestamp::from_millis(1),
+        );
         assert_eq!(ans, Begin::Mismatch);
         let (ans, _) = begin(Some(&rec), &key(), None, d(10), Timestamp::from_millis(1));
         assert!(matches!(ans, Begin::InProgress { .. }));

@@ -183,8 +183,12 @@ pub trait Store: Send + Sync {
     ) -> Result<(), Error>;
 
     /// Moves the lease deadline, fenced by the lease's token.
-    async fn extend(&self, lease: &Lease, deadlines: Deadlines, now: Timestamp)
-        -> Result<Lease, Error>;
+    async fn extend(
+        &self,
+        lease: &Lease,
+        deadlines: Deadlines,
+        now: Timestamp,
+    ) -> Result<Lease, Error>;
 
     /// Gives the key back without an outcome, fenced by the lease's token.
     async fn release(&self, lease: &Lease, now: Timestamp) -> Result<(), Error>;

@@ -27,7 +27,7 @@ impl Timestamp {
     }
 
     /// `self + d`, saturating at the representable range.
-    pub fn add(self, d: Duration) -> Self {
+    pub fn plus(self, d: Duration) -> Self {
         let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         Timestamp(self.0.saturating_add(ms))
     }

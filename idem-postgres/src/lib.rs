@@ -40,9 +40,8 @@ const CLAIM_ATTEMPTS: usize = 8;
 ///     })
 /// });
 /// ```
-pub type PgOperation<T, F, E> = Box<
-    dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, Failure<F, E>>> + Send,
->;
+pub type PgOperation<T, F, E> =
+    Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, Failure<F, E>>> + Send>;
 
 /// A validated, quoted table name: `table` or `schema.table`, each part a lowercase SQL
 /// identifier (`[a-z_][a-z0-9_]{0,62}`).
@@ -75,7 +74,11 @@ impl TableName {
             )));
         }
         Ok(TableName {
-            quoted: parts.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join("."),
+            quoted: parts
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join("."),
             index: format!("{}_expires_at", parts[parts.len() - 1]),
         })
     }
@@ -108,7 +111,8 @@ impl Sql {
         let fenced = format!(
             "scope = $1 AND id = $2 AND state = 'in_progress' AND token = $3 AND lease_until <> {RELEASED}"
         );
-        let columns = "fingerprint, state, token, lease_until, response, created_at, updated_at, expires_at";
+        let columns =
+            "fingerprint, state, token, lease_until, response, created_at, updated_at, expires_at";
         Sql {
             schema: schema_sql(table),
             // One statement, one round trip: insert a fresh claim, or take over an expired
@@ -328,7 +332,8 @@ impl PgStore {
         now: Timestamp,
     ) -> Result<(), Error> {
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
-        self.finish_on(&mut conn, lease, failed, response, expires_at, now).await
+        self.finish_on(&mut conn, lease, failed, response, expires_at, now)
+            .await
     }
 }
 
@@ -403,8 +408,10 @@ pub fn db_err(e: sqlx::Error) -> Error {
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
             // 40001 serialization, 40P01 deadlock, 55P03 lock timeout, 57P01..03 shutdown and
             // terminated backends, 08xxx connection exceptions, 53300 too many connections.
-            matches!(&*c, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300")
-                || c.starts_with("08")
+            matches!(
+                &*c,
+                "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
+            ) || c.starts_with("08")
         }),
         _ => false,
     };
@@ -432,7 +439,8 @@ impl Store for PgStore {
         now: Timestamp,
     ) -> Result<Begin, Error> {
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
-        self.claim(&mut conn, key, fingerprint, deadlines, now).await
+        self.claim(&mut conn, key, fingerprint, deadlines, now)
+            .await
     }
 
     async fn complete(
@@ -568,7 +576,9 @@ impl TransactionalStore for PgStore {
             .await;
         let lease = match claimed {
             Ok(Begin::Acquired(lease)) => lease,
-            Ok(Begin::Completed { response }) => return Ok(Response::from_stored(false, &response)?),
+            Ok(Begin::Completed { response }) => {
+                return Ok(Response::from_stored(false, &response)?)
+            }
             Ok(Begin::Failed { response }) => return Ok(Response::from_stored(true, &response)?),
             Ok(Begin::InProgress { lease_until }) => {
                 return Err(Error::InProgress {
@@ -595,7 +605,10 @@ impl TransactionalStore for PgStore {
         } else {
             "SAVEPOINT idem_operation"
         };
-        sqlx::raw_sql(savepoint).execute(&mut *tx).await.map_err(db_err)?;
+        sqlx::raw_sql(savepoint)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let settled = settle(op(&mut tx).await)?;
         if settled.failed {
             sqlx::raw_sql("ROLLBACK TO SAVEPOINT idem_operation")

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::PgFactory;
-use idem_conformance::{available, StoreFactory, TxFactory, TxEnd, TxPlan};
+use idem_conformance::{available, StoreFactory, TxEnd, TxFactory, TxPlan};
 use idem_core::{Barrier, Error, Failure, Key, RunError, Store, TxPolicy};
 use idem_postgres::{PgOperation, PgStore};
 use sqlx::AssertSqlSafe;
@@ -35,13 +35,18 @@ fn crash_child() {
         let insert = format!("INSERT INTO {schema}.business (scope, id, n) VALUES ('crash', 'order-1', 1), ('crash', 'order-1', 2)");
         let op: PgOperation<u64, String, String> = Box::new(move |conn| {
             Box::pin(async move {
-                sqlx::query(AssertSqlSafe(insert)).execute(&mut *conn).await.unwrap();
+                sqlx::query(AssertSqlSafe(insert))
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
                 println!("{WROTE}");
                 tokio::time::sleep(Duration::from_secs(120)).await;
                 Ok(2)
             })
         });
-        let _ = Barrier::new(Arc::new(store)).transaction(&key(), None, TxPolicy::Wait, op).await;
+        let _ = Barrier::new(Arc::new(store))
+            .transaction(&key(), None, TxPolicy::Wait, op)
+            .await;
         unreachable!("the parent kills this process before the operation ends");
     });
 }
@@ -55,7 +60,13 @@ fn sigkill_mid_transaction_leaves_nothing() {
         }
         let store = factory.create().await.unwrap();
         let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_SCHEMA, &factory.schema)
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -76,22 +87,47 @@ fn sigkill_mid_transaction_leaves_nothing() {
         // The child is inside its transaction: its claim blocks a no-wait duplicate.
         let barrier = Barrier::new(Arc::new(store.clone()));
         let busy = barrier
-            .transaction(&key(), None, TxPolicy::NoWait, factory.operation(&key(), plan()))
+            .transaction(
+                &key(),
+                None,
+                TxPolicy::NoWait,
+                factory.operation(&key(), plan()),
+            )
             .await;
-        assert!(matches!(busy, Err(RunError::Barrier(Error::InProgress { .. }))), "{busy:?}");
+        assert!(
+            matches!(busy, Err(RunError::Barrier(Error::InProgress { .. }))),
+            "{busy:?}"
+        );
 
         child.kill().await.unwrap(); // SIGKILL
         child.wait().await.unwrap();
 
         // The retry waits for the server to abort the dead transaction, then executes once.
         let retry = barrier
-            .transaction(&key(), None, TxPolicy::Wait, factory.operation(&key(), plan()))
+            .transaction(
+                &key(),
+                None,
+                TxPolicy::Wait,
+                factory.operation(&key(), plan()),
+            )
             .await
             .unwrap();
-        assert!(!retry.replayed, "the killed transaction must not have committed an outcome");
-        assert_eq!(factory.business_rows(&store, &key()).await.unwrap(), 1, "only the retry's row");
+        assert!(
+            !retry.replayed,
+            "the killed transaction must not have committed an outcome"
+        );
+        assert_eq!(
+            factory.business_rows(&store, &key()).await.unwrap(),
+            1,
+            "only the retry's row"
+        );
         let again = barrier
-            .transaction(&key(), None, TxPolicy::Wait, factory.operation(&key(), plan()))
+            .transaction(
+                &key(),
+                None,
+                TxPolicy::Wait,
+                factory.operation(&key(), plan()),
+            )
             .await
             .unwrap();
         assert!(again.replayed);
@@ -118,7 +154,10 @@ fn terminated_backend_is_retryable_and_nothing_duplicates() {
         let barrier = Barrier::new(Arc::new(store.clone()));
         let k = Key::new("kill", "order-2").unwrap();
         let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
-        let insert = format!("INSERT INTO {}.business (scope, id, n) VALUES ('kill', 'order-2', 1)", factory.schema);
+        let insert = format!(
+            "INSERT INTO {}.business (scope, id, n) VALUES ('kill', 'order-2', 1)",
+            factory.schema
+        );
         let op: PgOperation<u64, String, String> = Box::new(move |conn| {
             Box::pin(async move {
                 let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -153,21 +192,40 @@ fn terminated_backend_is_retryable_and_nothing_duplicates() {
         match running.await.unwrap() {
             Err(RunError::Operation(_)) => {}
             Err(RunError::Barrier(e @ Error::Store { .. })) => assert!(e.is_retryable(), "{e:?}"),
-            other => panic!("a terminated backend must surface as a retryable error, got {other:?}"),
+            other => {
+                panic!("a terminated backend must surface as a retryable error, got {other:?}")
+            }
         }
         assert_eq!(factory.business_rows(&store, &k).await.unwrap(), 0);
-        assert!(store.get(&k).await.unwrap().is_none(), "no claim survives the dead transaction");
+        assert!(
+            store.get(&k).await.unwrap().is_none(),
+            "no claim survives the dead transaction"
+        );
 
         let retry = barrier
-            .transaction(&k, None, TxPolicy::Wait, factory.operation(&k, TxPlan { rows: 2, ..plan() }))
+            .transaction(
+                &k,
+                None,
+                TxPolicy::Wait,
+                factory.operation(&k, TxPlan { rows: 2, ..plan() }),
+            )
             .await
             .unwrap();
         assert!(!retry.replayed);
         let again = barrier
-            .transaction(&k, None, TxPolicy::Wait, factory.operation(&k, TxPlan { rows: 2, ..plan() }))
+            .transaction(
+                &k,
+                None,
+                TxPolicy::Wait,
+                factory.operation(&k, TxPlan { rows: 2, ..plan() }),
+            )
             .await
             .unwrap();
         assert!(again.replayed);
-        assert_eq!(factory.business_rows(&store, &k).await.unwrap(), 2, "executed exactly once");
+        assert_eq!(
+            factory.business_rows(&store, &k).await.unwrap(),
+            2,
+            "executed exactly once"
+        );
     });
 }

@@ -49,7 +49,9 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("options", &self.options).finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
     }
 }
 
@@ -324,7 +326,11 @@ impl Store for RedisStore {
             .scripts
             .begin
             .key(self.record_key(key))
-            .arg(fingerprint.map(|f| f.as_bytes().to_vec()).unwrap_or_default())
+            .arg(
+                fingerprint
+                    .map(|f| f.as_bytes().to_vec())
+                    .unwrap_or_default(),
+            )
             .arg(deadlines.lease_until.as_millis())
             .arg(now.as_millis())
             .arg(deadlines.expires_at.as_millis())
@@ -356,7 +362,10 @@ impl Store for RedisStore {
                 lease_until: Timestamp::from_millis(int(field(1)?, "lease deadline")?),
             }),
             _ => Err(Error::UnknownFormat {
-                format: format!("state {:?}", String::from_utf8_lossy(field(1).unwrap_or(b"?"))),
+                format: format!(
+                    "state {:?}",
+                    String::from_utf8_lossy(field(1).unwrap_or(b"?"))
+                ),
             }),
         }
     }
@@ -368,7 +377,8 @@ impl Store for RedisStore {
         expires_at: Timestamp,
         now: Timestamp,
     ) -> Result<(), Error> {
-        self.finish(lease, "completed", response, expires_at, now).await
+        self.finish(lease, "completed", response, expires_at, now)
+            .await
     }
 
     async fn fail(
@@ -378,7 +388,8 @@ impl Store for RedisStore {
         expires_at: Timestamp,
         now: Timestamp,
     ) -> Result<(), Error> {
-        self.finish(lease, "failed", response, expires_at, now).await
+        self.finish(lease, "failed", response, expires_at, now)
+            .await
     }
 
     async fn extend(
@@ -494,7 +505,8 @@ impl Store for RedisStore {
                 self.parse_key(k)?;
                 pipe.hget(k, "st");
             }
-            let states: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+            let states: Vec<Option<String>> =
+                pipe.query_async(&mut conn).await.map_err(redis_err)?;
             for state in states.into_iter().flatten() {
                 stats.add(&state, 1)?;
             }

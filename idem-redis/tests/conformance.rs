@@ -35,9 +35,16 @@ impl Drop for RedisFactory {
     fn drop(&mut self) {
         // Delete this factory's keys with a client of our own: the test runtime may be gone.
         let pattern = format!("{}*", self.prefix);
-        let Ok(client) = redis::Client::open(url()) else { return };
-        let Ok(mut conn) = client.get_connection() else { return };
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn).unwrap_or_default();
+        let Ok(client) = redis::Client::open(url()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection() else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query(&mut conn)
+            .unwrap_or_default();
         for chunk in keys.chunks(500) {
             let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
         }

@@ -13,7 +13,9 @@ use idem_core::{
 };
 pub use rusqlite;
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -202,9 +204,12 @@ impl Inner {
 
     fn connect(&self) -> Result<Connection, Error> {
         let conn = Connection::open(&self.path).map_err(db_err)?;
-        conn.busy_timeout(self.options.busy_timeout).map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+        conn.busy_timeout(self.options.busy_timeout)
+            .map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
         Ok(conn)
     }
 }
@@ -222,7 +227,8 @@ fn migrate(conn: &mut Connection) -> Result<(), Error> {
         });
     }
     tx.execute_batch(SCHEMA).map_err(db_err)?;
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db_err)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(db_err)?;
     tx.commit().map_err(db_err)
 }
 
@@ -242,14 +248,33 @@ fn is_busy(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
 }
 
-const SELECT: &str = "SELECT fingerprint, state, token, lease_until, response, created_at, updated_at, expires_at
+const SELECT: &str =
+    "SELECT fingerprint, state, token, lease_until, response, created_at, updated_at, expires_at
      FROM idem_records WHERE scope = ?1 AND id = ?2";
 
 fn read(tx: &Connection, key: &Key) -> Result<Option<Record>, Error> {
-    type Row = (Option<Vec<u8>>, String, i64, Option<i64>, Option<Vec<u8>>, i64, i64, i64);
+    type Row = (
+        Option<Vec<u8>>,
+        String,
+        i64,
+        Option<i64>,
+        Option<Vec<u8>>,
+        i64,
+        i64,
+        i64,
+    );
     let row: Option<Row> = tx
         .query_row(SELECT, params![key.scope(), key.id()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
         })
         .optional()
         .map_err(db_err)?;
@@ -295,7 +320,9 @@ fn read(tx: &Connection, key: &Key) -> Result<Option<Record>, Error> {
 fn upsert(tx: &Connection, rec: &Record) -> Result<(), Error> {
     let (lease_until, response) = match &rec.state {
         State::InProgress { lease_until, .. } => (Some(lease_until.as_millis()), None),
-        State::Completed { response } | State::Failed { response } => (None, Some(response.as_slice())),
+        State::Completed { response } | State::Failed { response } => {
+            (None, Some(response.as_slice()))
+        }
     };
     tx.execute(
         "INSERT INTO idem_records (scope, id, fingerprint, state, token, lease_until, response,
@@ -339,7 +366,8 @@ impl Store for SqliteStore {
         let fingerprint = fingerprint.copied();
         self.write(move |tx| {
             let rec = read(tx, &key)?;
-            let (answer, next) = model::begin(rec.as_ref(), &key, fingerprint.as_ref(), deadlines, now);
+            let (answer, next) =
+                model::begin(rec.as_ref(), &key, fingerprint.as_ref(), deadlines, now);
             if let Some(next) = next {
                 upsert(tx, &next)?;
             }
@@ -486,12 +514,14 @@ impl TransactionalStore for SqliteStore {
                 if no_wait {
                     tx.busy_timeout(busy_timeout).map_err(db_err)?;
                 }
-                Ok(run_in_tx(&tx, &key, fingerprint, deadlines, expires_at, now, op).and_then(
-                    |response| {
-                        tx.commit().map_err(db_err)?;
-                        Ok(response)
-                    },
-                ))
+                Ok(
+                    run_in_tx(&tx, &key, fingerprint, deadlines, expires_at, now, op).and_then(
+                        |response| {
+                            tx.commit().map_err(db_err)?;
+                            Ok(response)
+                        },
+                    ),
+                )
             })
             .await;
         result.map_err(RunError::Barrier).and_then(|r| r)
@@ -526,12 +556,24 @@ where
         }
         Begin::Mismatch => return Err(Error::Mismatch.into()),
     };
-    tx.execute_batch("SAVEPOINT idem_operation").map_err(db_err)?;
+    tx.execute_batch("SAVEPOINT idem_operation")
+        .map_err(db_err)?;
     let settled = settle(op(tx))?;
-    let undo = if settled.failed { "ROLLBACK TO idem_operation; " } else { "" };
+    let undo = if settled.failed {
+        "ROLLBACK TO idem_operation; "
+    } else {
+        ""
+    };
     tx.execute_batch(&format!("{undo}RELEASE idem_operation"))
         .map_err(db_err)?;
-    let done = model::finish(claimed.as_ref(), &lease, settled.failed, &settled.bytes, expires_at, now)?;
+    let done = model::finish(
+        claimed.as_ref(),
+        &lease,
+        settled.failed,
+        &settled.bytes,
+        expires_at,
+        now,
+    )?;
     upsert(tx, &done)?;
     Ok(settled.into_response())
 }

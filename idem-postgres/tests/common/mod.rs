@@ -73,13 +73,18 @@ impl Drop for PgFactory {
         let schema = self.schema.clone();
         // The test's runtime may be shutting down: drop the schema from a thread of our own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut conn = PgConnection::connect(&url()).await.ok()?;
-                sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
-                    .execute(&mut conn)
-                    .await
-                    .ok()
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "DROP SCHEMA IF EXISTS {schema} CASCADE"
+                )))
+                .execute(&mut conn)
+                .await
+                .ok()
             })
         })
         .join();
@@ -111,7 +116,10 @@ impl StoreFactory for PgFactory {
 impl TxFactory for PgFactory {
     fn operation(&self, key: &Key, plan: TxPlan) -> PgOperation<u64, String, String> {
         let (scope, id) = (key.scope().to_string(), key.id().to_string());
-        let insert = format!("INSERT INTO {}.business (scope, id, n) VALUES ($1, $2, $3)", self.schema);
+        let insert = format!(
+            "INSERT INTO {}.business (scope, id, n) VALUES ($1, $2, $3)",
+            self.schema
+        );
         Box::new(move |conn| {
             Box::pin(async move {
                 for n in 0..plan.rows as i32 {
