@@ -392,11 +392,7 @@ pub fn __block_on<Fut: Future>(fut: Fut) -> Fut::Output {
 }
 
 /// Expands to a module `$module` with one `#[test]` per lease-mode property, each building
-/// its store factory with `$factory`.
-///
-/// ```ignore
-/// idem_conformance::conformance_tests!(memory, MemoryFactory);
-/// ```
+/// its store factory with `$factory` (see the crate docs for a complete example).
 #[macro_export]
 macro_rules! conformance_tests {
     ($module:ident, $factory:expr) => {

@@ -10,8 +10,7 @@ use idem::postgres::PgStore;
 use idem::redis::{redis, RedisStore};
 use idem::sqlite::{rusqlite, SqliteStore};
 use idem::{
-    Barrier, DynStore, Error, Failure, Fingerprint, Key, ManualClock, Response, RunError,
-    TxPolicy,
+    Barrier, DynStore, Error, Failure, Fingerprint, Key, ManualClock, Response, RunError, TxPolicy,
 };
 
 /// A leg of a payment: the debit of the customer and the credit of the merchant.
@@ -61,17 +60,36 @@ pub trait LabBackend: Send + Sync {
     async fn reset(&self) -> Result<(), Error>;
     /// Writes one ledger row; with `dedup`, a second row with the same dedup key is ignored
     /// (how a downstream system deduplicates on an idempotency key).
-    async fn insert(&self, strategy: &str, payment: &str, leg: Leg, amount: i64, dedup: Option<&str>) -> Result<(), Error>;
+    async fn insert(
+        &self,
+        strategy: &str,
+        payment: &str,
+        leg: Leg,
+        amount: i64,
+        dedup: Option<&str>,
+    ) -> Result<(), Error>;
     /// Check-then-insert: is the key recorded?
     async fn naive_seen(&self, strategy: &str, key: &str) -> Result<bool, Error>;
     /// Check-then-insert: record the key.
     async fn naive_mark(&self, strategy: &str, key: &str) -> Result<(), Error>;
     /// TTL cache: set the key if it is absent or expired (`SET NX EX`), atomically.
-    async fn ttl_claim(&self, strategy: &str, key: &str, now_ms: i64, ttl: Duration) -> Result<bool, Error>;
+    async fn ttl_claim(
+        &self,
+        strategy: &str,
+        key: &str,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Result<bool, Error>;
     /// The ledger, per payment.
     async fn tally(&self, strategy: &str) -> Result<Vec<Tally>, Error>;
     /// The transactional barrier, if the backend has one.
-    async fn transactional(&self, clock: &ManualClock, key: &Key, fp: Fingerprint, p: TxPayment) -> Option<TxAnswer>;
+    async fn transactional(
+        &self,
+        clock: &ManualClock,
+        key: &Key,
+        fp: Fingerprint,
+        p: TxPayment,
+    ) -> Option<TxAnswer>;
 }
 
 fn lab_key(strategy: &str, key: &str) -> String {
@@ -94,12 +112,21 @@ CREATE TABLE IF NOT EXISTS lab_ttl_keys (k TEXT PRIMARY KEY, expires_at INTEGER 
 impl SqliteLab {
     pub async fn open(path: &std::path::Path) -> Result<Self, Error> {
         let store = SqliteStore::open(path).await?;
-        store.with_connection(|c| c.execute_batch(SQLITE_SCHEMA)).await?;
+        store
+            .with_connection(|c| c.execute_batch(SQLITE_SCHEMA))
+            .await?;
         Ok(SqliteLab { store })
     }
 }
 
-fn sqlite_insert(c: &rusqlite::Connection, strategy: &str, payment: &str, leg: Leg, amount: i64, dedup: Option<&str>) -> rusqlite::Result<usize> {
+fn sqlite_insert(
+    c: &rusqlite::Connection,
+    strategy: &str,
+    payment: &str,
+    leg: Leg,
+    amount: i64,
+    dedup: Option<&str>,
+) -> rusqlite::Result<usize> {
     c.execute(
         "INSERT INTO lab_ledger (strategy, payment, leg, amount, dedup) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (dedup) DO NOTHING",
@@ -123,8 +150,19 @@ impl LabBackend for SqliteLab {
             .await
     }
 
-    async fn insert(&self, strategy: &str, payment: &str, leg: Leg, amount: i64, dedup: Option<&str>) -> Result<(), Error> {
-        let (s, p, d) = (strategy.to_string(), payment.to_string(), dedup.map(str::to_string));
+    async fn insert(
+        &self,
+        strategy: &str,
+        payment: &str,
+        leg: Leg,
+        amount: i64,
+        dedup: Option<&str>,
+    ) -> Result<(), Error> {
+        let (s, p, d) = (
+            strategy.to_string(),
+            payment.to_string(),
+            dedup.map(str::to_string),
+        );
         self.store
             .with_connection(move |c| sqlite_insert(c, &s, &p, leg, amount, d.as_deref()).map(drop))
             .await
@@ -134,7 +172,11 @@ impl LabBackend for SqliteLab {
         let k = lab_key(strategy, key);
         self.store
             .with_connection(move |c| {
-                c.query_row("SELECT COUNT(*) FROM lab_naive_keys WHERE k = ?1", [k], |r| r.get::<_, i64>(0))
+                c.query_row(
+                    "SELECT COUNT(*) FROM lab_naive_keys WHERE k = ?1",
+                    [k],
+                    |r| r.get::<_, i64>(0),
+                )
             })
             .await
             .map(|n| n > 0)
@@ -143,11 +185,20 @@ impl LabBackend for SqliteLab {
     async fn naive_mark(&self, strategy: &str, key: &str) -> Result<(), Error> {
         let k = lab_key(strategy, key);
         self.store
-            .with_connection(move |c| c.execute("INSERT OR IGNORE INTO lab_naive_keys (k) VALUES (?1)", [k]).map(drop))
+            .with_connection(move |c| {
+                c.execute("INSERT OR IGNORE INTO lab_naive_keys (k) VALUES (?1)", [k])
+                    .map(drop)
+            })
             .await
     }
 
-    async fn ttl_claim(&self, strategy: &str, key: &str, now_ms: i64, ttl: Duration) -> Result<bool, Error> {
+    async fn ttl_claim(
+        &self,
+        strategy: &str,
+        key: &str,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Result<bool, Error> {
         let k = lab_key(strategy, key);
         let until = now_ms + ttl.as_millis() as i64;
         self.store
@@ -172,15 +223,26 @@ impl LabBackend for SqliteLab {
                       WHERE strategy = ?1 GROUP BY payment",
                 )?;
                 let rows = stmt.query_map([s], |r| {
-                    Ok(Tally { payment: r.get(0)?, debits: r.get::<_, i64>(1)? as u64, credits: r.get::<_, i64>(2)? as u64 })
+                    Ok(Tally {
+                        payment: r.get(0)?,
+                        debits: r.get::<_, i64>(1)? as u64,
+                        credits: r.get::<_, i64>(2)? as u64,
+                    })
                 })?;
                 rows.collect()
             })
             .await
     }
 
-    async fn transactional(&self, clock: &ManualClock, key: &Key, fp: Fingerprint, p: TxPayment) -> Option<TxAnswer> {
-        let barrier = Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
+    async fn transactional(
+        &self,
+        clock: &ManualClock,
+        key: &Key,
+        fp: Fingerprint,
+        p: TxPayment,
+    ) -> Option<TxAnswer> {
+        let barrier =
+            Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
         let op = Box::new(move |tx: &rusqlite::Transaction<'_>| {
             let fail = |e: rusqlite::Error| Failure::Retryable(e.to_string());
             sqlite_insert(tx, p.strategy, &p.payment, Leg::Debit, p.amount, None).map_err(fail)?;
@@ -220,7 +282,10 @@ impl PgLab {
             .connect(url)
             .await
             .map_err(idem::postgres::db_err)?;
-        sqlx::raw_sql(PG_SCHEMA).execute(&pool).await.map_err(idem::postgres::db_err)?;
+        sqlx::raw_sql(PG_SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(idem::postgres::db_err)?;
         let store = PgStore::with_table(pool, "idem_lab.idem_records")?;
         store.migrate().await?;
         Ok(PgLab { store })
@@ -249,7 +314,14 @@ impl LabBackend for PgLab {
             .map(drop)
     }
 
-    async fn insert(&self, strategy: &str, payment: &str, leg: Leg, amount: i64, dedup: Option<&str>) -> Result<(), Error> {
+    async fn insert(
+        &self,
+        strategy: &str,
+        payment: &str,
+        leg: Leg,
+        amount: i64,
+        dedup: Option<&str>,
+    ) -> Result<(), Error> {
         sqlx::query(PG_INSERT)
             .bind(strategy)
             .bind(payment)
@@ -280,7 +352,13 @@ impl LabBackend for PgLab {
             .map(drop)
     }
 
-    async fn ttl_claim(&self, strategy: &str, key: &str, now_ms: i64, ttl: Duration) -> Result<bool, Error> {
+    async fn ttl_claim(
+        &self,
+        strategy: &str,
+        key: &str,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Result<bool, Error> {
         let done = sqlx::query(
             "INSERT INTO idem_lab.ttl_keys AS t (k, expires_at) VALUES ($1, $2)
              ON CONFLICT (k) DO UPDATE SET expires_at = EXCLUDED.expires_at WHERE t.expires_at <= $3",
@@ -305,12 +383,23 @@ impl LabBackend for PgLab {
         .map_err(idem::postgres::db_err)?;
         Ok(rows
             .into_iter()
-            .map(|(payment, d, c)| Tally { payment, debits: d as u64, credits: c as u64 })
+            .map(|(payment, d, c)| Tally {
+                payment,
+                debits: d as u64,
+                credits: c as u64,
+            })
             .collect())
     }
 
-    async fn transactional(&self, clock: &ManualClock, key: &Key, fp: Fingerprint, p: TxPayment) -> Option<TxAnswer> {
-        let barrier = Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
+    async fn transactional(
+        &self,
+        clock: &ManualClock,
+        key: &Key,
+        fp: Fingerprint,
+        p: TxPayment,
+    ) -> Option<TxAnswer> {
+        let barrier =
+            Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
         let op: idem::postgres::PgOperation<i64, String, String> = Box::new(move |conn| {
             Box::pin(async move {
                 let fail = |e: sqlx::Error| Failure::Retryable(e.to_string());
@@ -327,7 +416,10 @@ impl LabBackend for PgLab {
                 if p.crash {
                     return Err(Failure::Retryable("worker died before commit".to_string()));
                 }
-                insert(Leg::Credit).execute(&mut *conn).await.map_err(fail)?;
+                insert(Leg::Credit)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(fail)?;
                 Ok(p.amount)
             })
         });
@@ -345,8 +437,14 @@ pub struct RedisLab {
 impl RedisLab {
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let prefix = "idem-lab:".to_string();
-        let options = idem::redis::RedisOptions { key_prefix: format!("{prefix}records:"), ..Default::default() };
-        Ok(RedisLab { store: RedisStore::connect_with(url, options).await?, prefix })
+        let options = idem::redis::RedisOptions {
+            key_prefix: format!("{prefix}records:"),
+            ..Default::default()
+        };
+        Ok(RedisLab {
+            store: RedisStore::connect_with(url, options).await?,
+            prefix,
+        })
     }
 
     fn conn(&self) -> redis::aio::ConnectionManager {
@@ -370,14 +468,29 @@ impl LabBackend for RedisLab {
 
     async fn reset(&self) -> Result<(), Error> {
         let mut conn = self.conn();
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", self.prefix)).query_async(&mut conn).await.map_err(redis_err)?;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
         for chunk in keys.chunks(1000) {
-            let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await.map_err(redis_err)?;
+            let _: () = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
         }
         Ok(())
     }
 
-    async fn insert(&self, strategy: &str, payment: &str, leg: Leg, amount: i64, dedup: Option<&str>) -> Result<(), Error> {
+    async fn insert(
+        &self,
+        strategy: &str,
+        payment: &str,
+        leg: Leg,
+        amount: i64,
+        dedup: Option<&str>,
+    ) -> Result<(), Error> {
         // One script: the dedup check and the ledger write are atomic, as a downstream
         // service with a unique index would be.
         let script = redis::Script::new(
@@ -417,7 +530,13 @@ impl LabBackend for RedisLab {
             .map_err(redis_err)
     }
 
-    async fn ttl_claim(&self, strategy: &str, key: &str, now_ms: i64, ttl: Duration) -> Result<bool, Error> {
+    async fn ttl_claim(
+        &self,
+        strategy: &str,
+        key: &str,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Result<bool, Error> {
         // `SET NX PX`, with the expiry judged on the lab's clock so it can jump 26 hours.
         let script = redis::Script::new(
             "local e = redis.call('GET', KEYS[1])
@@ -450,12 +569,22 @@ impl LabBackend for RedisLab {
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_err)?;
-            out.push(Tally { payment, debits: d.unwrap_or(0), credits: c.unwrap_or(0) });
+            out.push(Tally {
+                payment,
+                debits: d.unwrap_or(0),
+                credits: c.unwrap_or(0),
+            });
         }
         Ok(out)
     }
 
-    async fn transactional(&self, _: &ManualClock, _: &Key, _: Fingerprint, _: TxPayment) -> Option<TxAnswer> {
+    async fn transactional(
+        &self,
+        _: &ManualClock,
+        _: &Key,
+        _: Fingerprint,
+        _: TxPayment,
+    ) -> Option<TxAnswer> {
         None
     }
 }

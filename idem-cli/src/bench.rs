@@ -52,7 +52,11 @@ where
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     Ok(Measured {
         per_second: all.len() as f64 / elapsed,
         p50: pct(0.50),
@@ -115,7 +119,12 @@ fn business_op(k: String) -> PgOperation<i64, String, String> {
     })
 }
 
-async fn bare_insert(pool: &PgPool, clients: usize, seconds: f64, tag: &'static str) -> Result<Measured, Error> {
+async fn bare_insert(
+    pool: &PgPool,
+    clients: usize,
+    seconds: f64,
+    tag: &'static str,
+) -> Result<Measured, Error> {
     let pool = pool.clone();
     measure(clients, seconds, move |c, n| {
         let pool = pool.clone();
@@ -131,7 +140,12 @@ async fn bare_insert(pool: &PgPool, clients: usize, seconds: f64, tag: &'static 
     .await
 }
 
-async fn tx_barrier(store: &PgStore, clients: usize, seconds: f64, tag: &'static str) -> Result<Measured, Error> {
+async fn tx_barrier(
+    store: &PgStore,
+    clients: usize,
+    seconds: f64,
+    tag: &'static str,
+) -> Result<Measured, Error> {
     let barrier = Barrier::new(Arc::new(store.clone()));
     measure(clients, seconds, move |c, n| {
         let barrier = barrier.clone();
@@ -148,11 +162,26 @@ async fn tx_barrier(store: &PgStore, clients: usize, seconds: f64, tag: &'static
     .await
 }
 
-async fn replay_vs_select(pool: &PgPool, store: &PgStore, clients: usize, seconds: f64) -> Result<(Measured, Measured), Error> {
+async fn replay_vs_select(
+    pool: &PgPool,
+    store: &PgStore,
+    clients: usize,
+    seconds: f64,
+) -> Result<(Measured, Measured), Error> {
     let barrier = Barrier::new(Arc::new(store.clone()));
-    let keys: Vec<Key> = (0..256).map(|i| Key::new("bench-replay", format!("k{i}"))).collect::<Result<_, _>>()?;
+    let keys: Vec<Key> = (0..256)
+        .map(|i| Key::new("bench-replay", format!("k{i}")))
+        .collect::<Result<_, _>>()?;
     for k in &keys {
-        barrier.transaction(k, None, TxPolicy::Wait, business_op(format!("replay-{}", k.id()))).await.map_err(|e| Error::Config(e.to_string()))?;
+        barrier
+            .transaction(
+                k,
+                None,
+                TxPolicy::Wait,
+                business_op(format!("replay-{}", k.id())),
+            )
+            .await
+            .map_err(|e| Error::Config(e.to_string()))?;
     }
     let keys = Arc::new(keys);
     let replay = {
@@ -160,9 +189,14 @@ async fn replay_vs_select(pool: &PgPool, store: &PgStore, clients: usize, second
         measure(clients, seconds, move |c, n| {
             let (barrier, keys) = (barrier.clone(), Arc::clone(&keys));
             async move {
-                match barrier.begin(&keys[(c * 31 + n as usize) % keys.len()], None).await? {
+                match barrier
+                    .begin(&keys[(c * 31 + n as usize) % keys.len()], None)
+                    .await?
+                {
                     Started::Replay(_) => Ok(()),
-                    Started::Acquired(_) => Err(Error::Config("a completed key was acquired".into())),
+                    Started::Acquired(_) => {
+                        Err(Error::Config("a completed key was acquired".into()))
+                    }
                 }
             }
         })
@@ -195,21 +229,32 @@ async fn prefill(pool: &PgPool, records: u64) -> Result<(), Error> {
     .execute(pool)
     .await
     .map_err(db_err)?;
-    sqlx::raw_sql("ANALYZE idem_bench.idem_records").execute(pool).await.map_err(db_err)?;
+    sqlx::raw_sql("ANALYZE idem_bench.idem_records")
+        .execute(pool)
+        .await
+        .map_err(db_err)?;
     Ok(())
 }
 
 /// The PostgreSQL benchmark: prints every measurement with its ratio.
 pub async fn postgres(url: &str, seconds: f64) -> Result<(), Error> {
     let (pool, store) = pg_setup(url).await?;
-    header("PostgreSQL: business insert inside the transactional barrier vs the bare insert", "barrier/s", "bare/s");
+    header(
+        "PostgreSQL: business insert inside the transactional barrier vs the bare insert",
+        "barrier/s",
+        "bare/s",
+    );
     for (clients, tag) in [(1, "c1"), (16, "c16"), (64, "c64")] {
         let bare = bare_insert(&pool, clients, seconds, tag).await?;
         let tx = tx_barrier(&store, clients, seconds, tag).await?;
         row("transactional barrier vs bare INSERT", clients, tx, bare);
     }
 
-    header("PostgreSQL: lease mode begin + complete (no business write)", "pairs/s", "bare/s");
+    header(
+        "PostgreSQL: lease mode begin + complete (no business write)",
+        "pairs/s",
+        "bare/s",
+    );
     let barrier = Barrier::new(Arc::new(store.clone()));
     let lease = measure(16, seconds, move |c, n| {
         let barrier = barrier.clone();
@@ -225,14 +270,22 @@ pub async fn postgres(url: &str, seconds: f64) -> Result<(), Error> {
     let bare = bare_insert(&pool, 16, seconds, "lease").await?;
     row("lease begin+complete vs bare INSERT", 16, lease, bare);
 
-    header("PostgreSQL: replay (begin on a completed key) vs a bare primary-key SELECT", "replay/s", "select/s");
+    header(
+        "PostgreSQL: replay (begin on a completed key) vs a bare primary-key SELECT",
+        "replay/s",
+        "select/s",
+    );
     let (replay, select) = replay_vs_select(&pool, &store, 16, seconds).await?;
     row("replay vs SELECT by primary key", 16, replay, select);
 
     for records in [1_000u64, 1_000_000] {
         prefill(&pool, records).await?;
         let stored = store.stats().await?.total();
-        header(&format!("PostgreSQL with {stored} records stored"), "with/s", "without/s");
+        header(
+            &format!("PostgreSQL with {stored} records stored"),
+            "with/s",
+            "without/s",
+        );
         let tag: &'static str = if records == 1_000 { "k" } else { "m" };
         let bare = bare_insert(&pool, 16, seconds, tag).await?;
         let tx = tx_barrier(&store, 16, seconds, tag).await?;
@@ -240,7 +293,10 @@ pub async fn postgres(url: &str, seconds: f64) -> Result<(), Error> {
         let (replay, select) = replay_vs_select(&pool, &store, 16, seconds).await?;
         row("replay vs SELECT by primary key", 16, replay, select);
     }
-    sqlx::raw_sql("DROP SCHEMA idem_bench CASCADE").execute(&pool).await.map_err(db_err)?;
+    sqlx::raw_sql("DROP SCHEMA idem_bench CASCADE")
+        .execute(&pool)
+        .await
+        .map_err(db_err)?;
     Ok(())
 }
 
@@ -248,15 +304,29 @@ pub async fn postgres(url: &str, seconds: f64) -> Result<(), Error> {
 
 /// The Redis benchmark: begin+complete pairs vs plain SET, replay vs plain GET.
 pub async fn redis(url: &str, seconds: f64) -> Result<(), Error> {
-    header("Redis: begin + complete pairs vs plain SET (one connection per client)", "pairs/s", "SET/s");
+    header(
+        "Redis: begin + complete pairs vs plain SET (one connection per client)",
+        "pairs/s",
+        "SET/s",
+    );
     let client = redis::Client::open(url).map_err(redis_err)?;
     for clients in [1usize, 16, 64] {
         let mut stores = Vec::new();
         let mut conns = Vec::new();
         for _ in 0..clients {
-            let options = RedisOptions { key_prefix: "idem-bench:".into(), ..Default::default() };
-            stores.push(Barrier::new(Arc::new(RedisStore::connect_with(url, options).await?)));
-            conns.push(client.get_multiplexed_async_connection().await.map_err(redis_err)?);
+            let options = RedisOptions {
+                key_prefix: "idem-bench:".into(),
+                ..Default::default()
+            };
+            stores.push(Barrier::new(Arc::new(
+                RedisStore::connect_with(url, options).await?,
+            )));
+            conns.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(redis_err)?,
+            );
         }
         let stores = Arc::new(stores);
         let pairs = {
@@ -302,7 +372,9 @@ pub async fn redis(url: &str, seconds: f64) -> Result<(), Error> {
                     async move {
                         match barrier.begin(&k, None).await? {
                             Started::Replay(_) => Ok(()),
-                            Started::Acquired(_) => Err(Error::Config("completed key acquired".into())),
+                            Started::Acquired(_) => {
+                                Err(Error::Config("completed key acquired".into()))
+                            }
                         }
                     }
                 })
@@ -313,18 +385,39 @@ pub async fn redis(url: &str, seconds: f64) -> Result<(), Error> {
                 measure(clients, seconds, move |c, _| {
                     let mut conn = conns[c].clone();
                     async move {
-                        redis::cmd("GET").arg("idem-bench:plain:16-0-0").query_async::<Option<Vec<u8>>>(&mut conn).await.map_err(redis_err).map(drop)
+                        redis::cmd("GET")
+                            .arg("idem-bench:plain:16-0-0")
+                            .query_async::<Option<Vec<u8>>>(&mut conn)
+                            .await
+                            .map_err(redis_err)
+                            .map(drop)
                     }
                 })
                 .await?
             };
-            row("replay (begin on a completed key) vs GET", clients, replay, gets);
+            row(
+                "replay (begin on a completed key) vs GET",
+                clients,
+                replay,
+                gets,
+            );
         }
     }
-    let mut conn = client.get_multiplexed_async_connection().await.map_err(redis_err)?;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("idem-bench:*").query_async(&mut conn).await.map_err(redis_err)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(redis_err)?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("idem-bench:*")
+        .query_async(&mut conn)
+        .await
+        .map_err(redis_err)?;
     for chunk in keys.chunks(1000) {
-        redis::cmd("DEL").arg(chunk).query_async::<()>(&mut conn).await.map_err(redis_err)?;
+        redis::cmd("DEL")
+            .arg(chunk)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)?;
     }
     Ok(())
 }

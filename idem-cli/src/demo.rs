@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use idem::sqlite::{rusqlite, SqliteStore};
 use idem::{
-    Barrier, Clock, Error, Failure, Fingerprint, Key, ManualClock, Outcome, RunError, Store, SystemClock,
-    TxPolicy,
+    Barrier, Clock, Error, Failure, Fingerprint, Key, ManualClock, Outcome, RunError, Store,
+    SystemClock, TxPolicy,
 };
 
 type Charge = Result<idem::Response<String, String>, RunError<String>>;
@@ -23,24 +23,34 @@ async fn charge(
     let payment = id.to_string();
     let op = Box::new(move |tx: &rusqlite::Transaction<'_>| {
         let fail = |e: rusqlite::Error| Failure::Retryable(e.to_string());
-        tx.execute("INSERT INTO ledger (payment, account, amount) VALUES (?1, 'customer', ?2)", (&payment, -amount))
-            .map_err(fail)?;
+        tx.execute(
+            "INSERT INTO ledger (payment, account, amount) VALUES (?1, 'customer', ?2)",
+            (&payment, -amount),
+        )
+        .map_err(fail)?;
         if die_mid_operation {
             // The worker dies after the debit, before the credit and before commit.
             return Err(Failure::Retryable("worker died mid-operation".to_string()));
         }
-        tx.execute("INSERT INTO ledger (payment, account, amount) VALUES (?1, 'merchant', ?2)", (&payment, amount))
-            .map_err(fail)?;
+        tx.execute(
+            "INSERT INTO ledger (payment, account, amount) VALUES (?1, 'merchant', ?2)",
+            (&payment, amount),
+        )
+        .map_err(fail)?;
         Ok(format!("ch_{payment}"))
     });
-    barrier.transaction(&key, Some(fp), TxPolicy::Wait, op).await
+    barrier
+        .transaction(&key, Some(fp), TxPolicy::Wait, op)
+        .await
 }
 
 fn describe(r: &Charge) -> String {
     match r {
         Ok(resp) if resp.replayed => format!("replayed {:?}", outcome(resp)),
         Ok(resp) => format!("executed -> {:?}", outcome(resp)),
-        Err(RunError::Barrier(Error::Mismatch)) => "rejected: key reused with a different amount (422)".into(),
+        Err(RunError::Barrier(Error::Mismatch)) => {
+            "rejected: key reused with a different amount (422)".into()
+        }
         Err(RunError::Barrier(Error::InProgress { .. })) => "in progress (409)".into(),
         Err(RunError::Barrier(e)) => format!("error: {e}"),
         Err(RunError::Operation(e)) => format!("rolled back, nothing written ({e}); retry allowed"),
@@ -62,7 +72,10 @@ pub async fn run(path: &std::path::Path) -> Result<bool, Error> {
         .await?;
     let clock = ManualClock::new(SystemClock.now());
     let barrier = Barrier::new(Arc::new(store.clone())).with_clock(Arc::new(clock.clone()));
-    println!("idem demo: payments on embedded SQLite ({})\n", path.display());
+    println!(
+        "idem demo: payments on embedded SQLite ({})\n",
+        path.display()
+    );
 
     println!("1. a burst of 20 concurrent duplicates of order-1 (a double-tapping client):");
     let burst: Vec<_> = (0..20)
@@ -82,22 +95,41 @@ pub async fn run(path: &std::path::Path) -> Result<bool, Error> {
     println!("   executed {executed}, replayed {replayed}\n");
 
     println!("2. order-2: the worker dies after the debit, before commit; the client retries:");
-    println!("   first attempt: {}", describe(&charge(&barrier, "order-2", 990, true).await));
-    println!("   retry:         {}", describe(&charge(&barrier, "order-2", 990, false).await));
-    println!("   retry again:   {}\n", describe(&charge(&barrier, "order-2", 990, false).await));
+    println!(
+        "   first attempt: {}",
+        describe(&charge(&barrier, "order-2", 990, true).await)
+    );
+    println!(
+        "   retry:         {}",
+        describe(&charge(&barrier, "order-2", 990, false).await)
+    );
+    println!(
+        "   retry again:   {}\n",
+        describe(&charge(&barrier, "order-2", 990, false).await)
+    );
 
     println!("3. order-3 completes; the broker redelivers it 26 hours later:");
-    println!("   first:         {}", describe(&charge(&barrier, "order-3", 4200, false).await));
+    println!(
+        "   first:         {}",
+        describe(&charge(&barrier, "order-3", 4200, false).await)
+    );
     clock.advance(Duration::from_secs(26 * 3600));
     store.purge(clock.now(), 1000).await?;
-    println!("   26 h later:    {}\n", describe(&charge(&barrier, "order-3", 4200, false).await));
+    println!(
+        "   26 h later:    {}\n",
+        describe(&charge(&barrier, "order-3", 4200, false).await)
+    );
 
     println!("4. order-1's key reused with a different amount:");
-    println!("   {}\n", describe(&charge(&barrier, "order-1", 999_999, false).await));
+    println!(
+        "   {}\n",
+        describe(&charge(&barrier, "order-1", 999_999, false).await)
+    );
 
     let rows: Vec<(String, String, i64)> = store
         .with_connection(|c| {
-            let mut s = c.prepare("SELECT payment, account, amount FROM ledger ORDER BY payment, account")?;
+            let mut s =
+                c.prepare("SELECT payment, account, amount FROM ledger ORDER BY payment, account")?;
             let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
         })
@@ -111,8 +143,11 @@ pub async fn run(path: &std::path::Path) -> Result<bool, Error> {
         let legs: Vec<_> = rows.iter().filter(|r| r.0 == payment).collect();
         let balanced = legs.len() == 2 && legs.iter().map(|r| r.2).sum::<i64>() == 0;
         ok &= balanced;
-        println!("   {payment}: {} rows, {}", legs.len(), if balanced { "exactly once" } else { "WRONG" });
+        println!(
+            "   {payment}: {} rows, {}",
+            legs.len(),
+            if balanced { "exactly once" } else { "WRONG" }
+        );
     }
     Ok(ok)
 }
-

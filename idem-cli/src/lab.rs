@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem::{Barrier, Clock, DynStore, Error, Fingerprint, Key, ManualClock, RunError, Started, SystemClock};
+use idem::{
+    Barrier, Clock, DynStore, Error, Fingerprint, Key, ManualClock, RunError, Started, SystemClock,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -143,7 +145,13 @@ impl Run {
     }
 
     /// The two legs of a payment, as the strategy's operation performs them.
-    async fn legs(&self, payment: &str, amount: i64, crash: bool, dedup: Option<(&Key, &Key)>) -> Result<(), Error> {
+    async fn legs(
+        &self,
+        payment: &str,
+        amount: i64,
+        crash: bool,
+        dedup: Option<(&Key, &Key)>,
+    ) -> Result<(), Error> {
         self.executions.fetch_add(1, Ordering::Relaxed);
         let tag = self.strategy.tag();
         self.backend
@@ -199,7 +207,11 @@ impl Run {
                     Err(_) => return Answer::Failed,
                 };
                 let (debit, credit) = (handle.derive("debit"), handle.derive("credit"));
-                if self.legs(&p.payment, amount, crash, Some((&debit, &credit))).await.is_err() {
+                if self
+                    .legs(&p.payment, amount, crash, Some((&debit, &credit)))
+                    .await
+                    .is_err()
+                {
                     // The worker is gone: its lease stays until it expires.
                     return Answer::Failed;
                 }
@@ -220,7 +232,11 @@ impl Run {
                     latency: self.latency,
                     crash,
                 };
-                match self.backend.transactional(&self.clock, &key, Self::fp(amount), payment).await {
+                match self
+                    .backend
+                    .transactional(&self.clock, &key, Self::fp(amount), payment)
+                    .await
+                {
                     Some(Ok(r)) if r.replayed => {
                         // The counter above counted an attempt that did not run.
                         self.executions.fetch_sub(1, Ordering::Relaxed);
@@ -270,14 +286,26 @@ pub async fn run_strategy(
         backend: Arc::clone(&backend),
         strategy,
         clock: clock.clone(),
-        barrier: Barrier::new(Arc::clone(&store)).with_clock(Arc::new(clock.clone())).with_lease(LEASE),
+        barrier: Barrier::new(Arc::clone(&store))
+            .with_clock(Arc::new(clock.clone()))
+            .with_lease(LEASE),
         latency: Duration::from_millis(config.latency_ms),
         executions: AtomicU64::new(0),
     };
     if strategy == Strategy::BarrierTransactional {
         let key = Key::new("lab/probe", "probe")?;
-        let p = TxPayment { strategy: "probe", payment: "probe".into(), amount: 0, latency: Duration::ZERO, crash: false };
-        if backend.transactional(&clock, &key, Run::fp(0), p).await.is_none() {
+        let p = TxPayment {
+            strategy: "probe",
+            payment: "probe".into(),
+            amount: 0,
+            latency: Duration::ZERO,
+            crash: false,
+        };
+        if backend
+            .transactional(&clock, &key, Run::fp(0), p)
+            .await
+            .is_none()
+        {
             return Ok(None);
         }
     }
@@ -292,7 +320,12 @@ pub async fn run_strategy(
     let clients = config.clients.max(1);
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (run, planned, answers, pb) = (Arc::clone(&run), Arc::clone(&planned), Arc::clone(&answers), pb.clone());
+        let (run, planned, answers, pb) = (
+            Arc::clone(&run),
+            Arc::clone(&planned),
+            Arc::clone(&answers),
+            pb.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for p in planned.iter().skip(c).step_by(clients) {
                 let mut got = Vec::new();
@@ -308,13 +341,17 @@ pub async fn run_strategy(
                 if p.reuse {
                     got.push(run.request(p, p.amount + 1, false).await);
                 }
-                answers.lock().unwrap_or_else(|e| e.into_inner()).extend(got);
+                answers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(got);
                 pb.inc(1);
             }
         }));
     }
     for t in tasks {
-        t.await.map_err(|e| Error::Config(format!("a lab client panicked: {e}")))?;
+        t.await
+            .map_err(|e| Error::Config(format!("a lab client panicked: {e}")))?;
     }
 
     // Phase 2: the lease of every dead worker expires; the clients retry every request.
@@ -370,7 +407,12 @@ async fn retry_all(
 ) -> Result<(), Error> {
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (run, planned, answers, pb) = (Arc::clone(run), Arc::clone(planned), Arc::clone(answers), pb.clone());
+        let (run, planned, answers, pb) = (
+            Arc::clone(run),
+            Arc::clone(planned),
+            Arc::clone(answers),
+            pb.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for p in planned.iter().skip(c).step_by(clients).filter(|p| which(p)) {
                 let a = run.request(p, p.amount, false).await;
@@ -380,7 +422,8 @@ async fn retry_all(
         }));
     }
     for t in tasks {
-        t.await.map_err(|e| Error::Config(format!("a lab client panicked: {e}")))?;
+        t.await
+            .map_err(|e| Error::Config(format!("a lab client panicked: {e}")))?;
     }
     Ok(())
 }
@@ -400,7 +443,19 @@ pub fn print_table(reports: &[StrategyReport], config: &LabConfig) {
     );
     println!(
         "{:<9} {:<24} {:>8} {:>6} {:>10} {:>9} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8}",
-        "backend", "strategy", "requests", "execs", "duplicates", "dup rate", "partial", "missing", "replays", "conflicts", "rejected", "errors", "req/s"
+        "backend",
+        "strategy",
+        "requests",
+        "execs",
+        "duplicates",
+        "dup rate",
+        "partial",
+        "missing",
+        "replays",
+        "conflicts",
+        "rejected",
+        "errors",
+        "req/s"
     );
     for r in reports {
         println!(
@@ -433,7 +488,11 @@ pub fn barrier_violations(reports: &[StrategyReport]) -> Vec<String> {
         .iter()
         .filter(|r| r.strategy.starts_with("barrier"))
         .filter(|r| r.duplicate_effects > 0 || r.partial_writes > 0 || r.missing_payments > 0)
-        .map(|r| format!("{} on {}: {} duplicates, {} partial, {} missing", r.strategy, r.backend, r.duplicate_effects, r.partial_writes, r.missing_payments))
+        .map(|r| {
+            format!(
+                "{} on {}: {} duplicates, {} partial, {} missing",
+                r.strategy, r.backend, r.duplicate_effects, r.partial_writes, r.missing_payments
+            )
+        })
         .collect()
 }
-

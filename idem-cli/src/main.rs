@@ -16,7 +16,11 @@ use crate::backend::{LabBackend, PgLab, RedisLab, SqliteLab};
 use crate::lab::{LabConfig, Strategy};
 
 #[derive(Parser)]
-#[command(name = "idem", version, about = "Make retried operations take effect exactly once.")]
+#[command(
+    name = "idem",
+    version,
+    about = "Make retried operations take effect exactly once."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,14 +50,22 @@ struct Target {
 impl Target {
     fn url(&self) -> String {
         let (var, default) = match self.backend {
-            BackendKind::Postgres => ("IDEM_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test"),
+            BackendKind::Postgres => (
+                "IDEM_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/test",
+            ),
             _ => ("IDEM_REDIS_URL", "redis://127.0.0.1:6379/"),
         };
-        self.url.clone().or_else(|| std::env::var(var).ok()).unwrap_or_else(|| default.to_string())
+        self.url
+            .clone()
+            .or_else(|| std::env::var(var).ok())
+            .unwrap_or_else(|| default.to_string())
     }
 
     fn db(&self, name: &str) -> PathBuf {
-        self.db.clone().unwrap_or_else(|| std::env::temp_dir().join(name))
+        self.db
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(name))
     }
 
     async fn lab(&self) -> Result<Arc<dyn LabBackend>, Error> {
@@ -72,7 +84,9 @@ impl Target {
 
     async fn store(&self) -> Result<DynStore, Error> {
         Ok(match self.backend {
-            BackendKind::Sqlite => Arc::new(idem::sqlite::SqliteStore::open(self.db("idem.db")).await?),
+            BackendKind::Sqlite => {
+                Arc::new(idem::sqlite::SqliteStore::open(self.db("idem.db")).await?)
+            }
             BackendKind::Postgres => Arc::new(idem::postgres::PgStore::connect(&self.url()).await?),
             BackendKind::Redis => Arc::new(idem::redis::RedisStore::connect(&self.url()).await?),
         })
@@ -176,24 +190,62 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<bool, Error> {
     match cli.command {
-        Command::Lab { target, payments, clients, lost, crash, late, reuse, latency_ms, seed, json } => {
-            for (name, share) in [("lost", lost), ("crash", crash), ("late", late), ("reuse", reuse)] {
+        Command::Lab {
+            target,
+            payments,
+            clients,
+            lost,
+            crash,
+            late,
+            reuse,
+            latency_ms,
+            seed,
+            json,
+        } => {
+            for (name, share) in [
+                ("lost", lost),
+                ("crash", crash),
+                ("late", late),
+                ("reuse", reuse),
+            ] {
                 if !(0.0..=1.0).contains(&share) {
-                    return Err(Error::Config(format!("--{name} must be between 0 and 1, got {share}")));
+                    return Err(Error::Config(format!(
+                        "--{name} must be between 0 and 1, got {share}"
+                    )));
                 }
             }
-            let config = LabConfig { payments, clients, lost, crash, late, reuse, latency_ms, seed };
+            let config = LabConfig {
+                payments,
+                clients,
+                lost,
+                crash,
+                late,
+                reuse,
+                latency_ms,
+                seed,
+            };
             let backend = target.lab().await?;
             let mut reports = Vec::new();
             for strategy in Strategy::ALL {
                 backend.reset().await?;
-                if let Some(r) = lab::run_strategy(Arc::clone(&backend), backend.store(), strategy, &config, json).await? {
+                if let Some(r) = lab::run_strategy(
+                    Arc::clone(&backend),
+                    backend.store(),
+                    strategy,
+                    &config,
+                    json,
+                )
+                .await?
+                {
                     reports.push(r);
                 }
             }
             if json {
                 let out = serde_json::json!({ "config": config, "results": reports });
-                println!("{}", serde_json::to_string_pretty(&out).map_err(|e| Error::Encode(Box::new(e)))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).map_err(|e| Error::Encode(Box::new(e)))?
+                );
             } else {
                 lab::print_table(&reports, &config);
             }
@@ -203,19 +255,37 @@ async fn run(cli: Cli) -> Result<bool, Error> {
             }
             Ok(violations.is_empty())
         }
-        Command::Demo { db } => demo::run(&db.unwrap_or_else(|| std::env::temp_dir().join("idem-demo.db"))).await,
-        Command::Bench { backend, url, seconds } => {
-            let target = Target { backend, url, db: None };
+        Command::Demo { db } => {
+            demo::run(&db.unwrap_or_else(|| std::env::temp_dir().join("idem-demo.db"))).await
+        }
+        Command::Bench {
+            backend,
+            url,
+            seconds,
+        } => {
+            let target = Target {
+                backend,
+                url,
+                db: None,
+            };
             match backend {
                 BackendKind::Postgres => bench::postgres(&target.url(), seconds).await?,
                 BackendKind::Redis => bench::redis(&target.url(), seconds).await?,
-                BackendKind::Sqlite => return Err(Error::Config("bench supports postgres and redis".into())),
+                BackendKind::Sqlite => {
+                    return Err(Error::Config("bench supports postgres and redis".into()))
+                }
             }
             Ok(true)
         }
         Command::Stats { target } => {
             let s = target.store().await?.stats().await?;
-            println!("in_progress {}\ncompleted   {}\nfailed      {}\ntotal       {}", s.in_progress, s.completed, s.failed, s.total());
+            println!(
+                "in_progress {}\ncompleted   {}\nfailed      {}\ntotal       {}",
+                s.in_progress,
+                s.completed,
+                s.failed,
+                s.total()
+            );
             Ok(true)
         }
         Command::Purge { target, batch } => {

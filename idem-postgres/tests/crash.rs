@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::PgFactory;
 use idem_conformance::{available, StoreFactory, TxEnd, TxFactory, TxPlan};
-use idem_core::{Barrier, Error, Failure, Key, RunError, Store, TxPolicy};
+use idem_core::{Barrier, Clock, Error, Failure, Key, RunError, Store, TxPolicy};
 use idem_postgres::{PgOperation, PgStore};
 use sqlx::AssertSqlSafe;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -228,4 +228,50 @@ fn terminated_backend_is_retryable_and_nothing_duplicates() {
             "executed exactly once"
         );
     });
+}
+
+#[test]
+fn a_closed_pool_is_a_permanent_store_error() {
+    idem_conformance::__block_on(async {
+        let factory = PgFactory::new();
+        if !available(&factory).await {
+            return;
+        }
+        let store = factory.create().await.unwrap();
+        store.pool().close().await;
+        let now = idem_core::SystemClock.now();
+        let d = idem_core::Deadlines {
+            lease_until: now,
+            expires_at: now,
+        };
+        match store.begin(&key(), None, d, now).await {
+            Err(e @ Error::Store { .. }) => assert!(!e.is_retryable(), "{e:?}"),
+            other => panic!("a closed pool must be a permanent store error, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn invalid_table_names_are_refused() {
+    for name in [
+        "Idem",
+        "idem-records",
+        "a.b.c",
+        "",
+        "x; DROP TABLE y",
+        "1abc",
+        "a.",
+        ".a",
+    ] {
+        assert!(
+            matches!(idem_postgres::TableName::new(name), Err(Error::Config(_))),
+            "{name:?} was accepted"
+        );
+    }
+    assert_eq!(
+        idem_postgres::TableName::new("billing.idem_records")
+            .unwrap()
+            .quoted(),
+        "\"billing\".\"idem_records\""
+    );
 }
