@@ -452,6 +452,37 @@ impl RedisLab {
     }
 }
 
+/// Deletes every key matching `pattern`, a `SCAN` page at a time (a single `KEYS` over
+/// millions of keys would block the server).
+pub async fn unlink_matching(
+    conn: &mut impl redis::aio::ConnectionLike,
+    pattern: &str,
+) -> Result<(), Error> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await
+            .map_err(redis_err)?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(conn)
+                .await
+                .map_err(redis_err)?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 fn redis_err(e: redis::RedisError) -> Error {
     idem::redis::redis_err(e)
 }
@@ -467,20 +498,7 @@ impl LabBackend for RedisLab {
     }
 
     async fn reset(&self) -> Result<(), Error> {
-        let mut conn = self.conn();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
-        for chunk in keys.chunks(1000) {
-            let _: () = redis::cmd("DEL")
-                .arg(chunk)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
-        }
-        Ok(())
+        unlink_matching(&mut self.conn(), &format!("{}*", self.prefix)).await
     }
 
     async fn insert(

@@ -140,6 +140,30 @@ async fn bare_insert(
     .await
 }
 
+/// The same insert in an explicit transaction (BEGIN; INSERT; COMMIT), as business code
+/// that already uses a transaction runs it.
+async fn insert_in_transaction(
+    pool: &PgPool,
+    clients: usize,
+    seconds: f64,
+    tag: &'static str,
+) -> Result<Measured, Error> {
+    let pool = pool.clone();
+    measure(clients, seconds, move |c, n| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.map_err(db_err)?;
+            sqlx::query("INSERT INTO idem_bench.business (k, amount) VALUES ($1, 100)")
+                .bind(format!("txn-{tag}-{c}-{n}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)
+        }
+    })
+    .await
+}
+
 async fn tx_barrier(
     store: &PgStore,
     clients: usize,
@@ -246,8 +270,15 @@ pub async fn postgres(url: &str, seconds: f64) -> Result<(), Error> {
     );
     for (clients, tag) in [(1, "c1"), (16, "c16"), (64, "c64")] {
         let bare = bare_insert(&pool, clients, seconds, tag).await?;
+        let in_tx = insert_in_transaction(&pool, clients, seconds, tag).await?;
         let tx = tx_barrier(&store, clients, seconds, tag).await?;
         row("transactional barrier vs bare INSERT", clients, tx, bare);
+        row(
+            "transactional barrier vs BEGIN; INSERT; COMMIT",
+            clients,
+            tx,
+            in_tx,
+        );
     }
 
     header(
@@ -407,17 +438,6 @@ pub async fn redis(url: &str, seconds: f64) -> Result<(), Error> {
         .get_multiplexed_async_connection()
         .await
         .map_err(redis_err)?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("idem-bench:*")
-        .query_async(&mut conn)
-        .await
-        .map_err(redis_err)?;
-    for chunk in keys.chunks(1000) {
-        redis::cmd("DEL")
-            .arg(chunk)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(redis_err)?;
-    }
+    crate::backend::unlink_matching(&mut conn, "idem-bench:*").await?;
     Ok(())
 }

@@ -115,14 +115,24 @@ impl Sql {
             "fingerprint, state, token, lease_until, response, created_at, updated_at, expires_at";
         Sql {
             schema: schema_sql(table),
-            // One statement, one round trip: insert a fresh claim, or take over an expired
-            // lease with the same fingerprint; otherwise return the row as the statement's
-            // snapshot shows it.
+            // One statement, one round trip. `existing` reads the row; the insert runs only if
+            // that row could be claimed (absent, or an expired lease with agreeing
+            // fingerprints), so a replay or a live lease writes nothing and commits without
+            // WAL. Otherwise: insert a fresh claim, or take over an expired lease, judged again
+            // on the row's latest version by ON CONFLICT.
             begin: format!(
-                "WITH claimed AS (
+                "WITH existing AS (
+                    SELECT token, reclaimed, fingerprint, state, lease_until, response,
+                           created_at, updated_at, expires_at
+                      FROM {t} WHERE scope = $1 AND id = $2
+                 ), claimed AS (
                     INSERT INTO {t} AS r (scope, id, fingerprint, state, token, lease_until, response,
                                          reclaimed, created_at, updated_at, expires_at)
-                    VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6)
+                    SELECT $1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6
+                     WHERE NOT EXISTS (
+                        SELECT 1 FROM existing e
+                         WHERE e.state <> 'in_progress' OR e.lease_until > $5
+                            OR (e.fingerprint IS NOT NULL AND $3::bytea IS NOT NULL AND e.fingerprint <> $3))
                     ON CONFLICT (scope, id) DO UPDATE SET
                         token = r.token + 1,
                         lease_until = EXCLUDED.lease_until,
@@ -142,7 +152,7 @@ impl Sql {
                  UNION ALL
                  SELECT false, token, reclaimed, fingerprint, state, lease_until, response,
                         created_at, updated_at, expires_at
-                   FROM {t} WHERE scope = $1 AND id = $2 AND NOT EXISTS (SELECT 1 FROM claimed)"
+                   FROM existing WHERE NOT EXISTS (SELECT 1 FROM claimed)"
             )
             .into(),
             finish: format!(
@@ -546,6 +556,11 @@ impl TransactionalStore for PgStore {
     /// writes wait normally. (A lock timeout was chosen over advisory locks: it waits on
     /// exactly the conflicting row, with no hash collisions and no second lock namespace
     /// that every writer would have to honour.)
+    ///
+    /// A permanent failure rolls the whole transaction back and records `Failed` in a second
+    /// one, claiming the key again first; that keeps a savepoint off the common path. If a
+    /// duplicate finished the key in between, its outcome is the key's one outcome and is
+    /// returned instead.
     async fn transact<T, F, E>(
         &self,
         request: TxRequest<'_>,
@@ -555,6 +570,50 @@ impl TransactionalStore for PgStore {
         T: Serialize + DeserializeOwned + Send + 'static,
         F: Serialize + DeserializeOwned + Send + 'static,
         E: Send + 'static,
+    {
+        let (mut tx, mut lease) = match self.open_claim(&request).await? {
+            Claimed::Acquired(tx, lease) => (tx, lease),
+            Claimed::Answered(response) => return Ok(response),
+        };
+        let settled = settle(op(&mut tx).await)?;
+        if settled.failed {
+            tx.rollback().await.map_err(db_err)?;
+            (tx, lease) = match self.open_claim(&request).await? {
+                Claimed::Acquired(tx, lease) => (tx, lease),
+                Claimed::Answered(response) => return Ok(response),
+            };
+        }
+        self.finish_on(
+            &mut tx,
+            &lease,
+            settled.failed,
+            &settled.bytes,
+            request.expires_at,
+            request.now,
+        )
+        .await?;
+        // If the connection drops here the commit's fate is unknown: the retryable error
+        // sends the client back, and its retry replays or executes, never both.
+        tx.commit().await.map_err(db_err)?;
+        Ok(settled.into_response())
+    }
+}
+
+/// A transaction that holds a fresh claim, or the answer that ends the request.
+enum Claimed<T, F> {
+    Acquired(sqlx::Transaction<'static, sqlx::Postgres>, Lease),
+    Answered(Response<T, F>),
+}
+
+impl PgStore {
+    /// Opens a transaction and claims the request's key in it (transactional mode).
+    async fn open_claim<T, F, E>(
+        &self,
+        request: &TxRequest<'_>,
+    ) -> Result<Claimed<T, F>, RunError<E>>
+    where
+        T: DeserializeOwned,
+        F: DeserializeOwned,
     {
         let no_wait = request.policy == TxPolicy::NoWait;
         let mut tx = if no_wait {
@@ -574,12 +633,18 @@ impl TransactionalStore for PgStore {
                 request.now,
             )
             .await;
-        let lease = match claimed {
-            Ok(Begin::Acquired(lease)) => lease,
-            Ok(Begin::Completed { response }) => {
-                return Ok(Response::from_stored(false, &response)?)
+        let answer = match claimed {
+            Ok(Begin::Acquired(lease)) => {
+                if no_wait {
+                    sqlx::raw_sql("SET LOCAL lock_timeout TO DEFAULT")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                }
+                return Ok(Claimed::Acquired(tx, lease));
             }
-            Ok(Begin::Failed { response }) => return Ok(Response::from_stored(true, &response)?),
+            Ok(Begin::Completed { response }) => Response::from_stored(false, &response)?,
+            Ok(Begin::Failed { response }) => Response::from_stored(true, &response)?,
             Ok(Begin::InProgress { lease_until }) => {
                 return Err(Error::InProgress {
                     retry_after: lease_until.since(request.now),
@@ -600,34 +665,6 @@ impl TransactionalStore for PgStore {
             }
             Err(e) => return Err(e.into()),
         };
-        let savepoint = if no_wait {
-            "SET LOCAL lock_timeout TO DEFAULT; SAVEPOINT idem_operation"
-        } else {
-            "SAVEPOINT idem_operation"
-        };
-        sqlx::raw_sql(savepoint)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        let settled = settle(op(&mut tx).await)?;
-        if settled.failed {
-            sqlx::raw_sql("ROLLBACK TO SAVEPOINT idem_operation")
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        self.finish_on(
-            &mut tx,
-            &lease,
-            settled.failed,
-            &settled.bytes,
-            request.expires_at,
-            request.now,
-        )
-        .await?;
-        // If the connection drops here the commit's fate is unknown: the retryable error
-        // sends the client back, and its retry replays or executes, never both.
-        tx.commit().await.map_err(db_err)?;
-        Ok(settled.into_response())
+        Ok(Claimed::Answered(answer))
     }
 }
