@@ -3,6 +3,8 @@
 mod backend;
 mod bench;
 mod demo;
+#[cfg(feature = "fdb")]
+mod fdb_lab;
 mod lab;
 
 use std::path::PathBuf;
@@ -31,6 +33,9 @@ enum BackendKind {
     Sqlite,
     Postgres,
     Redis,
+    /// FoundationDB (built with the `fdb` feature), at `--cluster-file`.
+    #[cfg(feature = "fdb")]
+    Fdb,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -45,21 +50,15 @@ struct Target {
     /// SQLite database file (default: a file in the temporary directory).
     #[arg(long)]
     db: Option<PathBuf>,
+    /// FoundationDB cluster file (default: the system's).
+    #[cfg(feature = "fdb")]
+    #[arg(long)]
+    cluster_file: Option<String>,
 }
 
 impl Target {
     fn url(&self) -> String {
-        let (var, default) = match self.backend {
-            BackendKind::Postgres => (
-                "IDEM_POSTGRES_URL",
-                "postgres://postgres@127.0.0.1:5432/test",
-            ),
-            _ => ("IDEM_REDIS_URL", "redis://127.0.0.1:6379/"),
-        };
-        self.url
-            .clone()
-            .or_else(|| std::env::var(var).ok())
-            .unwrap_or_else(|| default.to_string())
+        server_url(self.backend, self.url.clone())
     }
 
     fn db(&self, name: &str) -> PathBuf {
@@ -79,6 +78,8 @@ impl Target {
             }
             BackendKind::Postgres => Arc::new(PgLab::connect(&self.url(), 32).await?),
             BackendKind::Redis => Arc::new(RedisLab::connect(&self.url()).await?),
+            #[cfg(feature = "fdb")]
+            BackendKind::Fdb => Arc::new(fdb_lab::FdbLab::open(self.cluster_file.as_deref())?),
         })
     }
 
@@ -89,8 +90,29 @@ impl Target {
             }
             BackendKind::Postgres => Arc::new(idem::postgres::PgStore::connect(&self.url()).await?),
             BackendKind::Redis => Arc::new(idem::redis::RedisStore::connect(&self.url()).await?),
+            #[cfg(feature = "fdb")]
+            BackendKind::Fdb => Arc::new(idem::fdb::FdbStore::open(
+                self.cluster_file.as_deref(),
+                "default",
+                idem::fdb::FdbOptions::default(),
+            )?),
         })
     }
+}
+
+/// The server URL: the one given, else `IDEM_POSTGRES_URL` / `IDEM_REDIS_URL`, else the
+/// local server.
+fn server_url(backend: BackendKind, explicit: Option<String>) -> String {
+    let (var, default) = match backend {
+        BackendKind::Postgres => (
+            "IDEM_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        ),
+        _ => ("IDEM_REDIS_URL", "redis://127.0.0.1:6379/"),
+    };
+    explicit
+        .or_else(|| std::env::var(var).ok())
+        .unwrap_or_else(|| default.to_string())
 }
 
 #[derive(Subcommand)]
@@ -263,17 +285,11 @@ async fn run(cli: Cli) -> Result<bool, Error> {
             url,
             seconds,
         } => {
-            let target = Target {
-                backend,
-                url,
-                db: None,
-            };
+            let url = server_url(backend, url);
             match backend {
-                BackendKind::Postgres => bench::postgres(&target.url(), seconds).await?,
-                BackendKind::Redis => bench::redis(&target.url(), seconds).await?,
-                BackendKind::Sqlite => {
-                    return Err(Error::Config("bench supports postgres and redis".into()))
-                }
+                BackendKind::Postgres => bench::postgres(&url, seconds).await?,
+                BackendKind::Redis => bench::redis(&url, seconds).await?,
+                _ => return Err(Error::Config("bench supports postgres and redis".into())),
             }
             Ok(true)
         }

@@ -18,5 +18,5 @@ pub use idem_redis as redis;
 
 /// The FoundationDB store (feature `fdb`, or `fdb-7_1` / `fdb-7_3` / `fdb-7_4` to pick the
 /// API version).
-#[cfg(feature = "fdb")]
+#[cfg(any(feature = "fdb-7_1", feature = "fdb-7_3", feature = "fdb-7_4"))]
 pub use idem_fdb as fdb;
