@@ -23,7 +23,7 @@ pub use error::{BoxError, Error, KeyError};
 pub use fingerprint::Fingerprint;
 pub use key::{Key, MAX_ID_LEN, MAX_SCOPE_LEN};
 pub use memory::MemoryStore;
-pub use record::{Begin, Deadlines, Lease, Record, State, Stats, Token};
+pub use record::{Begin, Deadlines, Lease, Record, RecordRow, State, Stats, Token};
 pub use store::{DynStore, Guarantees, Store};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use tx::{settle, Settled, TransactionalStore, TxPolicy, TxRequest, NO_WAIT_RETRY_AFTER};

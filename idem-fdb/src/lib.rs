@@ -16,7 +16,7 @@ use foundationdb::{Database, FdbError, RangeOption, Transaction};
 use futures::future::BoxFuture;
 use idem_core::{
     model, settle, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease, Record,
-    Response, RunError, State, Stats, Store, Timestamp, Token, TransactionalStore, TxRequest,
+    RecordRow, Response, RunError, State, Stats, Store, Timestamp, TransactionalStore, TxRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -186,7 +186,7 @@ struct Stored {
 type Packed = (
     i64,
     String,
-    u64,
+    i64,
     Option<i64>,
     i64,
     i64,
@@ -404,25 +404,19 @@ impl FdbStore {
 }
 
 fn encode(s: &Stored) -> Result<Vec<u8>, Error> {
-    let r = &s.record;
-    let (lease_until, response) = match &r.state {
-        State::InProgress { lease_until, .. } => (Some(lease_until.as_millis()), None),
-        State::Completed { response } | State::Failed { response } => {
-            (None, Some(response.clone()))
-        }
-    };
+    let row = RecordRow::from_record(&s.record)?;
     let packed: Packed = (
         FORMAT,
-        r.state.name().to_string(),
-        r.token.0,
-        lease_until,
-        r.created_at.as_millis(),
-        r.updated_at.as_millis(),
-        r.expires_at.as_millis(),
+        row.state,
+        row.token,
+        row.lease_until,
+        row.created_at,
+        row.updated_at,
+        row.expires_at,
         s.claim,
         s.reclaimed,
-        r.fingerprint.map(|f| f.as_bytes().to_vec()),
-        response,
+        row.fingerprint,
+        row.response,
     );
     let bytes = foundationdb::tuple::pack(&packed);
     if bytes.len() > MAX_VALUE_BYTES {
@@ -445,41 +439,32 @@ fn decode(key: &Key, raw: &[u8]) -> Result<Stored, Error> {
             ),
         });
     }
-    let (_, state, token, lease_until, created, updated, expires, claim, reclaimed, fp, response): Packed =
-        foundationdb::tuple::unpack(raw).map_err(|e| Error::Corrupt(Box::new(e)))?;
-    let missing = |what: &str| Error::Corrupt(format!("{state} record {key} has no {what}").into());
-    let token = Token(token);
-    let st = match state.as_str() {
-        "in_progress" => State::InProgress {
-            token,
-            lease_until: Timestamp::from_millis(lease_until.ok_or_else(|| missing("lease"))?),
-        },
-        "completed" => State::Completed {
-            response: response.ok_or_else(|| missing("response"))?,
-        },
-        "failed" => State::Failed {
-            response: response.ok_or_else(|| missing("response"))?,
-        },
-        other => {
-            return Err(Error::UnknownFormat {
-                format: format!("state {other:?}"),
-            })
-        }
-    };
-    let fingerprint = match fp {
-        None => None,
-        Some(b) => Some(Fingerprint::from_slice(&b).ok_or_else(|| missing("valid fingerprint"))?),
-    };
+    let (
+        _,
+        state,
+        token,
+        lease_until,
+        created_at,
+        updated_at,
+        expires_at,
+        claim,
+        reclaimed,
+        fingerprint,
+        response,
+    ): Packed = foundationdb::tuple::unpack(raw).map_err(|e| Error::Corrupt(Box::new(e)))?;
+    let record = RecordRow {
+        fingerprint,
+        state,
+        token,
+        lease_until,
+        response,
+        created_at,
+        updated_at,
+        expires_at,
+    }
+    .into_record(key)?;
     Ok(Stored {
-        record: Record {
-            key: key.clone(),
-            fingerprint,
-            state: st,
-            token,
-            created_at: Timestamp::from_millis(created),
-            updated_at: Timestamp::from_millis(updated),
-            expires_at: Timestamp::from_millis(expires),
-        },
+        record,
         claim,
         reclaimed,
     })

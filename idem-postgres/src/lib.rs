@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use idem_core::{
     model, settle, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease, Record,
-    Response, RunError, State, Stats, Store, Timestamp, Token, TransactionalStore, TxPolicy,
+    RecordRow, Response, RunError, Stats, Store, Timestamp, Token, TransactionalStore, TxPolicy,
     TxRequest, NO_WAIT_RETRY_AFTER,
 };
 use serde::de::DeserializeOwned;
@@ -366,48 +366,18 @@ fn signed(token: Token) -> Result<i64, Error> {
 }
 
 fn record(key: &Key, row: &PgRow) -> Result<Record, Error> {
-    let get_i64 = |c: &str| row.try_get::<i64, _>(c).map_err(db_err);
-    let fp: Option<Vec<u8>> = row.try_get("fingerprint").map_err(db_err)?;
-    let fingerprint = match fp {
-        None => None,
-        Some(b) => Some(Fingerprint::from_slice(&b).ok_or_else(|| {
-            Error::Corrupt(format!("fingerprint of {key} is {} bytes", b.len()).into())
-        })?),
-    };
-    let token = token(get_i64("token")?)?;
-    let name: String = row.try_get("state").map_err(db_err)?;
-    let response: Option<Vec<u8>> = row.try_get("response").map_err(db_err)?;
-    let missing = |what: &str| Error::Corrupt(format!("{name} record {key} has no {what}").into());
-    let state = match name.as_str() {
-        "in_progress" => State::InProgress {
-            token,
-            lease_until: Timestamp::from_millis(
-                row.try_get::<Option<i64>, _>("lease_until")
-                    .map_err(db_err)?
-                    .ok_or_else(|| missing("lease"))?,
-            ),
-        },
-        "completed" => State::Completed {
-            response: response.ok_or_else(|| missing("response"))?,
-        },
-        "failed" => State::Failed {
-            response: response.ok_or_else(|| missing("response"))?,
-        },
-        other => {
-            return Err(Error::UnknownFormat {
-                format: format!("state {other:?}"),
-            })
-        }
-    };
-    Ok(Record {
-        key: key.clone(),
-        fingerprint,
-        state,
-        token,
-        created_at: Timestamp::from_millis(get_i64("created_at")?),
-        updated_at: Timestamp::from_millis(get_i64("updated_at")?),
-        expires_at: Timestamp::from_millis(get_i64("expires_at")?),
-    })
+    let get = |c: &str| row.try_get::<i64, _>(c).map_err(db_err);
+    RecordRow {
+        fingerprint: row.try_get("fingerprint").map_err(db_err)?,
+        state: row.try_get("state").map_err(db_err)?,
+        token: get("token")?,
+        lease_until: row.try_get("lease_until").map_err(db_err)?,
+        response: row.try_get("response").map_err(db_err)?,
+        created_at: get("created_at")?,
+        updated_at: get("updated_at")?,
+        expires_at: get("expires_at")?,
+    }
+    .into_record(key)
 }
 
 /// Maps a sqlx error to a store error: connection loss, timeouts, serialization failures,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use idem_core::{
-    Begin, Deadlines, Error, Fingerprint, Guarantees, Key, Lease, Record, State, Stats, Store,
+    Begin, Deadlines, Error, Fingerprint, Guarantees, Key, Lease, Record, RecordRow, Stats, Store,
     Timestamp, Token,
 };
 use redis::aio::ConnectionManager;
@@ -430,46 +430,24 @@ impl Store for RedisStore {
         if fields.is_empty() {
             return Ok(None);
         }
-        let f = |name: &str| {
+        let required = |name: &str| {
             fields
                 .get(name)
-                .map(Vec::as_slice)
                 .ok_or_else(|| corrupt(format!("record {key} has no field {name}")))
         };
-        let token = Token(int(f("tok")?, "token")? as u64);
-        let state = match f("st")? {
-            b"in_progress" => State::InProgress {
-                token,
-                lease_until: Timestamp::from_millis(int(f("lu")?, "lease deadline")?),
-            },
-            b"completed" => State::Completed {
-                response: f("resp")?.to_vec(),
-            },
-            b"failed" => State::Failed {
-                response: f("resp")?.to_vec(),
-            },
-            other => {
-                return Err(Error::UnknownFormat {
-                    format: format!("state {:?}", String::from_utf8_lossy(other)),
-                })
-            }
-        };
-        let fingerprint = match fields.get("fp") {
-            None => None,
-            Some(b) => Some(
-                Fingerprint::from_slice(b)
-                    .ok_or_else(|| corrupt(format!("fingerprint of {key} is {} bytes", b.len())))?,
-            ),
-        };
-        Ok(Some(Record {
-            key: key.clone(),
-            fingerprint,
-            state,
-            token,
-            created_at: Timestamp::from_millis(int(f("ca")?, "created_at")?),
-            updated_at: Timestamp::from_millis(int(f("ua")?, "updated_at")?),
-            expires_at: Timestamp::from_millis(int(f("ea")?, "expires_at")?),
-        }))
+        let optional_int = |name: &str| fields.get(name).map(|v| int(v, name)).transpose();
+        RecordRow {
+            fingerprint: fields.get("fp").cloned(),
+            state: utf8(required("st")?, "state")?,
+            token: int(required("tok")?, "token")?,
+            lease_until: optional_int("lu")?,
+            response: fields.get("resp").cloned(),
+            created_at: int(required("ca")?, "created_at")?,
+            updated_at: int(required("ua")?, "updated_at")?,
+            expires_at: int(required("ea")?, "expires_at")?,
+        }
+        .into_record(key)
+        .map(Some)
     }
 
     /// Scans every record key (`SCAN`, O(keys in the database)) and deletes up to `batch`

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use idem_core::{
     model, settle, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease, Record,
-    Response, RunError, State, Stats, Store, Timestamp, Token, TransactionalStore, TxPolicy,
+    RecordRow, Response, RunError, Stats, Store, Timestamp, TransactionalStore, TxPolicy,
     TxRequest, NO_WAIT_RETRY_AFTER,
 };
 pub use rusqlite;
@@ -253,77 +253,26 @@ const SELECT: &str =
      FROM idem_records WHERE scope = ?1 AND id = ?2";
 
 fn read(tx: &Connection, key: &Key) -> Result<Option<Record>, Error> {
-    type Row = (
-        Option<Vec<u8>>,
-        String,
-        i64,
-        Option<i64>,
-        Option<Vec<u8>>,
-        i64,
-        i64,
-        i64,
-    );
-    let row: Option<Row> = tx
-        .query_row(SELECT, params![key.scope(), key.id()], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-            ))
+    tx.query_row(SELECT, params![key.scope(), key.id()], |r| {
+        Ok(RecordRow {
+            fingerprint: r.get(0)?,
+            state: r.get(1)?,
+            token: r.get(2)?,
+            lease_until: r.get(3)?,
+            response: r.get(4)?,
+            created_at: r.get(5)?,
+            updated_at: r.get(6)?,
+            expires_at: r.get(7)?,
         })
-        .optional()
-        .map_err(db_err)?;
-    let Some((fp, state, token, lease_until, response, created, updated, expires)) = row else {
-        return Ok(None);
-    };
-    let fingerprint = match fp {
-        None => None,
-        Some(bytes) => Some(Fingerprint::from_slice(&bytes).ok_or_else(|| {
-            Error::Corrupt(format!("fingerprint of {key} is {} bytes", bytes.len()).into())
-        })?),
-    };
-    let token = Token(u64::try_from(token).map_err(|e| Error::Corrupt(Box::new(e)))?);
-    let missing = |what: &str| Error::Corrupt(format!("{state} record {key} has no {what}").into());
-    let state = match state.as_str() {
-        "in_progress" => State::InProgress {
-            token,
-            lease_until: Timestamp::from_millis(lease_until.ok_or_else(|| missing("lease"))?),
-        },
-        "completed" => State::Completed {
-            response: response.ok_or_else(|| missing("response"))?,
-        },
-        "failed" => State::Failed {
-            response: response.ok_or_else(|| missing("response"))?,
-        },
-        other => {
-            return Err(Error::UnknownFormat {
-                format: format!("state {other:?}"),
-            })
-        }
-    };
-    Ok(Some(Record {
-        key: key.clone(),
-        fingerprint,
-        state,
-        token,
-        created_at: Timestamp::from_millis(created),
-        updated_at: Timestamp::from_millis(updated),
-        expires_at: Timestamp::from_millis(expires),
-    }))
+    })
+    .optional()
+    .map_err(db_err)?
+    .map(|row| row.into_record(key))
+    .transpose()
 }
 
 fn upsert(tx: &Connection, rec: &Record) -> Result<(), Error> {
-    let (lease_until, response) = match &rec.state {
-        State::InProgress { lease_until, .. } => (Some(lease_until.as_millis()), None),
-        State::Completed { response } | State::Failed { response } => {
-            (None, Some(response.as_slice()))
-        }
-    };
+    let row = RecordRow::from_record(rec)?;
     tx.execute(
         "INSERT INTO idem_records (scope, id, fingerprint, state, token, lease_until, response,
                                    created_at, updated_at, expires_at)
@@ -335,14 +284,14 @@ fn upsert(tx: &Connection, rec: &Record) -> Result<(), Error> {
         params![
             rec.key.scope(),
             rec.key.id(),
-            rec.fingerprint.as_ref().map(|f| f.as_bytes().as_slice()),
-            rec.state.name(),
-            i64::try_from(rec.token.0).map_err(|e| Error::Encode(Box::new(e)))?,
-            lease_until,
-            response,
-            rec.created_at.as_millis(),
-            rec.updated_at.as_millis(),
-            rec.expires_at.as_millis(),
+            row.fingerprint,
+            row.state,
+            row.token,
+            row.lease_until,
+            row.response,
+            row.created_at,
+            row.updated_at,
+            row.expires_at,
         ],
     )
     .map_err(db_err)?;
