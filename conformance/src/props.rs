@@ -715,7 +715,7 @@ async fn fencing<F: StoreFactory>(f: &F) -> Result<(), String> {
 
 async fn reclaim_race<F: StoreFactory>(f: &F) -> Result<(), String> {
     let env = env(f).await?;
-    for round in 0..(60 * scale()) {
+    for round in 0..(100 * scale()) {
         let k = key("reclaim-race", &format!("k{round}"))?;
         let t0 = env.clock.now();
         let old = acquire(&*env.store, &k, None, t0).await?;
@@ -723,13 +723,23 @@ async fn reclaim_race<F: StoreFactory>(f: &F) -> Result<(), String> {
         let resp = codec::encode(&round).map_err(err)?;
         let (store_a, store_b) = (Arc::clone(&env.store), Arc::clone(&env.store));
         let (old2, resp2, k2) = (old.clone(), resp.clone(), k.clone());
+        // Both calls start together; the completion is staggered by a few scheduler turns
+        // from round to round, so it lands before, inside and after the reclaim's window.
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let (start_a, start_b) = (Arc::clone(&start), start);
         let finish = tokio::spawn(async move {
+            start_a.wait().await;
+            for _ in 0..round % 4 {
+                tokio::task::yield_now().await;
+            }
             store_a
                 .complete(&old2, &resp2, t1.plus(RETENTION), t1)
                 .await
         });
-        let reclaim =
-            tokio::spawn(async move { store_b.begin(&k2, None, deadlines(t1), t1).await });
+        let reclaim = tokio::spawn(async move {
+            start_b.wait().await;
+            store_b.begin(&k2, None, deadlines(t1), t1).await
+        });
         let finished = finish.await.map_err(|e| e.to_string())?;
         let reclaimed = reclaim.await.map_err(|e| e.to_string())?.map_err(err)?;
         match (&finished, &reclaimed) {
