@@ -26,4 +26,7 @@ pub use memory::MemoryStore;
 pub use record::{Begin, Deadlines, Lease, Record, RecordRow, State, Stats, Token};
 pub use store::{DynStore, Guarantees, Store};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
-pub use tx::{settle, Settled, TransactionalStore, TxPolicy, TxRequest, NO_WAIT_RETRY_AFTER};
+pub use tx::{
+    settle, tx_claim, Settled, TransactionalStore, TxClaim, TxPolicy, TxRequest,
+    NO_WAIT_RETRY_AFTER,
+};

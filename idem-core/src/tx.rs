@@ -8,9 +8,10 @@ use serde::Serialize;
 
 use crate::barrier::{Failure, Outcome, Response, RunError};
 use crate::codec;
+use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
-use crate::record::Deadlines;
+use crate::record::{Begin, Deadlines, Lease};
 use crate::store::Store;
 use crate::time::Timestamp;
 
@@ -119,5 +120,33 @@ pub fn settle<T: Serialize, F: Serialize, E>(
             failed: true,
         }),
         Err(Failure::Retryable(e)) => Err(RunError::Operation(e)),
+    }
+}
+
+/// Where a claim leaves a transactional-mode request.
+#[derive(Debug)]
+pub enum TxClaim<T, F> {
+    /// The key is ours: run the operation with this lease.
+    Acquired(Lease),
+    /// The key has an outcome: answer with it, without running the operation.
+    Replay(Response<T, F>),
+}
+
+/// Turns a claim's answer into the next step of transactional mode: run, replay, or
+/// refuse ([`Error::InProgress`] with the holder's remaining lease, [`Error::Mismatch`]).
+pub fn tx_claim<T: DeserializeOwned, F: DeserializeOwned>(
+    answer: Begin,
+    now: Timestamp,
+) -> Result<TxClaim<T, F>, Error> {
+    match answer {
+        Begin::Acquired(lease) => Ok(TxClaim::Acquired(lease)),
+        Begin::Completed { response } => {
+            Ok(TxClaim::Replay(Response::from_stored(false, &response)?))
+        }
+        Begin::Failed { response } => Ok(TxClaim::Replay(Response::from_stored(true, &response)?)),
+        Begin::InProgress { lease_until } => Err(Error::InProgress {
+            retry_after: lease_until.since(now),
+        }),
+        Begin::Mismatch => Err(Error::Mismatch),
     }
 }

@@ -15,8 +15,9 @@ use foundationdb::tuple::Subspace;
 use foundationdb::{Database, FdbError, RangeOption, Transaction};
 use futures::future::BoxFuture;
 use idem_core::{
-    model, settle, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease, Record,
-    RecordRow, Response, RunError, State, Stats, Store, Timestamp, TransactionalStore, TxRequest,
+    model, settle, tx_claim, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease,
+    Record, RecordRow, Response, RunError, State, Stats, Store, Timestamp, TransactionalStore,
+    TxClaim, TxRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -749,6 +750,10 @@ impl TransactionalStore for FdbStore {
         } = request;
         let fp = fingerprint.as_ref();
         let op = &op;
+        let fresh = Attempted {
+            id: claim,
+            maybe_committed: false,
+        };
         self.run(Box::new(move |mut trx, maybe_committed| {
             Box::pin(async move {
                 let result = async {
@@ -772,54 +777,17 @@ impl TransactionalStore for FdbStore {
                             }
                         }
                     }
-                    let lease = match lift(
-                        self.claim_in(
-                            &trx,
-                            key,
-                            fp,
-                            deadlines,
-                            now,
-                            Attempted {
-                                id: claim,
-                                maybe_committed: false,
-                            },
-                        )
-                        .await,
-                    )? {
-                        (Begin::Acquired(lease), _) => lease,
-                        (Begin::Completed { response }, _) => {
-                            return Ok(Response::from_stored(false, &response)?)
-                        }
-                        (Begin::Failed { response }, _) => {
-                            return Ok(Response::from_stored(true, &response)?)
-                        }
-                        (Begin::InProgress { lease_until }, _) => {
-                            return Err(Abort::Run(RunError::Barrier(Error::InProgress {
-                                retry_after: lease_until.since(now),
-                            })))
-                        }
-                        (Begin::Mismatch, _) => {
-                            return Err(Abort::Run(RunError::Barrier(Error::Mismatch)))
-                        }
+                    let (answer, _) =
+                        lift(self.claim_in(&trx, key, fp, deadlines, now, fresh).await)?;
+                    let lease = match tx_claim(answer, now)? {
+                        TxClaim::Acquired(lease) => lease,
+                        TxClaim::Replay(response) => return Ok(response),
                     };
                     let settled = settle(op(&trx).await).map_err(Abort::Run)?;
                     let claimed = if settled.failed {
                         // Drop the business writes, then claim again in the clean transaction.
                         trx.reset();
-                        match lift(
-                            self.claim_in(
-                                &trx,
-                                key,
-                                fp,
-                                deadlines,
-                                now,
-                                Attempted {
-                                    id: claim,
-                                    maybe_committed: false,
-                                },
-                            )
-                            .await,
-                        )? {
+                        match lift(self.claim_in(&trx, key, fp, deadlines, now, fresh).await)? {
                             (Begin::Acquired(_), Some(rec)) => rec,
                             _ => return Err(Abort::Fdb(FdbError::from_code(1020))),
                         }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use idem_core::{
-    model, settle, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease, Record,
-    RecordRow, Response, RunError, Stats, Store, Timestamp, Token, TransactionalStore, TxPolicy,
-    TxRequest, NO_WAIT_RETRY_AFTER,
+    model, settle, tx_claim, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease,
+    Record, RecordRow, Response, RunError, Stats, Store, Timestamp, Token, TransactionalStore,
+    TxClaim, TxPolicy, TxRequest, NO_WAIT_RETRY_AFTER,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -603,38 +603,30 @@ impl PgStore {
                 request.now,
             )
             .await;
-        let answer = match claimed {
-            Ok(Begin::Acquired(lease)) => {
+        match claimed.map(|answer| tx_claim(answer, request.now)) {
+            Ok(Ok(TxClaim::Acquired(lease))) => {
                 if no_wait {
                     sqlx::raw_sql("SET LOCAL lock_timeout TO DEFAULT")
                         .execute(&mut *tx)
                         .await
                         .map_err(db_err)?;
                 }
-                return Ok(Claimed::Acquired(tx, lease));
+                Ok(Claimed::Acquired(tx, lease))
             }
-            Ok(Begin::Completed { response }) => Response::from_stored(false, &response)?,
-            Ok(Begin::Failed { response }) => Response::from_stored(true, &response)?,
-            Ok(Begin::InProgress { lease_until }) => {
-                return Err(Error::InProgress {
-                    retry_after: lease_until.since(request.now),
-                }
-                .into())
-            }
-            Ok(Begin::Mismatch) => return Err(Error::Mismatch.into()),
+            Ok(Ok(TxClaim::Replay(response))) => Ok(Claimed::Answered(response)),
+            Ok(Err(refused)) => Err(refused.into()),
             Err(Error::Store { source, .. })
                 if no_wait
                     && source
                         .downcast_ref::<sqlx::Error>()
                         .is_some_and(is_lock_timeout) =>
             {
-                return Err(Error::InProgress {
+                Err(Error::InProgress {
                     retry_after: NO_WAIT_RETRY_AFTER,
                 }
                 .into())
             }
-            Err(e) => return Err(e.into()),
-        };
-        Ok(Claimed::Answered(answer))
+            Err(e) => Err(e.into()),
+        }
     }
 }

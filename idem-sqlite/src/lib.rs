@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use idem_core::{
-    model, settle, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease, Record,
-    RecordRow, Response, RunError, Stats, Store, Timestamp, TransactionalStore, TxPolicy,
-    TxRequest, NO_WAIT_RETRY_AFTER,
+    model, settle, tx_claim, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease,
+    Record, RecordRow, Response, RunError, Stats, Store, Timestamp, TransactionalStore, TxClaim,
+    TxPolicy, TxRequest, NO_WAIT_RETRY_AFTER,
 };
 pub use rusqlite;
 
@@ -493,17 +493,9 @@ where
 {
     let rec = read(tx, key)?;
     let (answer, claimed) = model::begin(rec.as_ref(), key, fingerprint.as_ref(), deadlines, now);
-    let lease = match answer {
-        Begin::Acquired(lease) => lease,
-        Begin::Completed { response } => return Ok(Response::from_stored(false, &response)?),
-        Begin::Failed { response } => return Ok(Response::from_stored(true, &response)?),
-        Begin::InProgress { lease_until } => {
-            return Err(Error::InProgress {
-                retry_after: lease_until.since(now),
-            }
-            .into())
-        }
-        Begin::Mismatch => return Err(Error::Mismatch.into()),
+    let lease = match tx_claim(answer, now)? {
+        TxClaim::Acquired(lease) => lease,
+        TxClaim::Replay(response) => return Ok(response),
     };
     tx.execute_batch("SAVEPOINT idem_operation")
         .map_err(db_err)?;
