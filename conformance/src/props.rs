@@ -195,7 +195,7 @@ fn pick_lease(leases: &[Lease], key: &Key, i: usize, now: Timestamp) -> Lease {
 }
 
 async fn model_check<F: StoreFactory>(f: &F) -> Result<(), String> {
-    let cases = 48 * scale();
+    let cases = 192 * scale();
     let keys = model_keys()?;
     driver::check(
         prop::collection::vec(step_strategy(), 1..40),
@@ -305,7 +305,7 @@ async fn model_check<F: StoreFactory>(f: &F) -> Result<(), String> {
 async fn linearizability<F: StoreFactory>(f: &F) -> Result<(), String> {
     const TASKS: usize = 6;
     const OPS_PER_TASK: usize = 14;
-    for round in 0..(6 * scale()) {
+    for round in 0..(24 * scale()) {
         let store = Arc::new(f.create().await.map_err(err)?);
         let keys = [key("lin", "a")?, key("lin", "b")?];
         let tick = Arc::new(AtomicU64::new(0));
@@ -429,7 +429,7 @@ async fn linearizability<F: StoreFactory>(f: &F) -> Result<(), String> {
 async fn race<F: StoreFactory>(f: &F) -> Result<(), String> {
     const CONTENDERS: usize = 200;
     let env = env(f).await?;
-    for round in 0..(4 * scale()) {
+    for round in 0..(8 * scale()) {
         let k = key("race", &format!("fresh-{round}"))?;
         let now = env.clock.now();
         let start = Arc::new(tokio::sync::Barrier::new(CONTENDERS));
@@ -517,7 +517,7 @@ async fn ttl_trap<F: StoreFactory>(f: &F) -> Result<(), String> {
 async fn concurrent_check_race<F: StoreFactory>(f: &F) -> Result<(), String> {
     const DUPLICATES: usize = 64;
     let env = env(f).await?;
-    for round in 0..(2 * scale()) {
+    for round in 0..(4 * scale()) {
         let k = key("payments", &format!("double-tap-{round}"))?;
         let executions = Arc::new(AtomicU32::new(0));
         let start = Arc::new(tokio::sync::Barrier::new(DUPLICATES));

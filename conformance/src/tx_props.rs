@@ -263,7 +263,7 @@ where
 {
     const DUPLICATES: usize = 16;
     let env = env(f).await?;
-    for round in 0..(2 * scale()) {
+    for round in 0..(4 * scale()) {
         for policy in [TxPolicy::Wait, TxPolicy::NoWait] {
             let k = key("tx-race", &format!("{policy:?}-{round}"))?;
             let start = Arc::new(tokio::sync::Barrier::new(DUPLICATES));
