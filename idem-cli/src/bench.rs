@@ -242,7 +242,12 @@ async fn replay_vs_select(
     Ok((replay, select))
 }
 
+/// Empties the store and business tables, then stores `records` completed records.
 async fn prefill(pool: &PgPool, records: u64) -> Result<(), Error> {
+    sqlx::raw_sql("TRUNCATE idem_bench.idem_records, idem_bench.business")
+        .execute(pool)
+        .await
+        .map_err(db_err)?;
     sqlx::query(
         "INSERT INTO idem_bench.idem_records (scope, id, fingerprint, state, token, lease_until, response,
                                               created_at, updated_at, expires_at)
