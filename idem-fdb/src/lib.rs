@@ -471,16 +471,6 @@ fn decode(key: &Key, raw: &[u8]) -> Result<Stored, Error> {
     })
 }
 
-fn lift<E>(
-    r: Result<(Begin, Option<Record>), Abort<Infallible>>,
-) -> Result<(Begin, Option<Record>), Abort<E>> {
-    r.map_err(|a| match a {
-        Abort::Fdb(e) => Abort::Fdb(e),
-        Abort::Run(RunError::Barrier(e)) => Abort::Run(RunError::Barrier(e)),
-        Abort::Run(RunError::Operation(never)) => match never {},
-    })
-}
-
 #[async_trait]
 impl Store for FdbStore {
     fn guarantees(&self) -> Guarantees {
@@ -758,7 +748,7 @@ impl TransactionalStore for FdbStore {
             Box::pin(async move {
                 let result = async {
                     if maybe_committed {
-                        if let Some(s) = self.read(&trx, key).await.map_err(|a| lift_abort(a))? {
+                        if let Some(s) = self.read(&trx, key).await.map_err(lift_abort)? {
                             let mine = s.claim == claim;
                             match &s.record.state {
                                 State::Completed { response } if mine => {
@@ -777,8 +767,10 @@ impl TransactionalStore for FdbStore {
                             }
                         }
                     }
-                    let (answer, _) =
-                        lift(self.claim_in(&trx, key, fp, deadlines, now, fresh).await)?;
+                    let (answer, _) = self
+                        .claim_in(&trx, key, fp, deadlines, now, fresh)
+                        .await
+                        .map_err(lift_abort)?;
                     let lease = match tx_claim(answer, now)? {
                         TxClaim::Acquired(lease) => lease,
                         TxClaim::Replay(response) => return Ok(response),
@@ -787,7 +779,11 @@ impl TransactionalStore for FdbStore {
                     let claimed = if settled.failed {
                         // Drop the business writes, then claim again in the clean transaction.
                         trx.reset();
-                        match lift(self.claim_in(&trx, key, fp, deadlines, now, fresh).await)? {
+                        match self
+                            .claim_in(&trx, key, fp, deadlines, now, fresh)
+                            .await
+                            .map_err(lift_abort)?
+                        {
                             (Begin::Acquired(_), Some(rec)) => rec,
                             _ => return Err(Abort::Fdb(FdbError::from_code(1020))),
                         }
@@ -836,6 +832,8 @@ fn lease_for(claimed: &Record, lease: &Lease) -> Lease {
     }
 }
 
+/// Widens an attempt's error from a lease-mode step (which has no operation error) to a
+/// transactional one.
 fn lift_abort<E>(a: Abort<Infallible>) -> Abort<E> {
     match a {
         Abort::Fdb(e) => Abort::Fdb(e),
