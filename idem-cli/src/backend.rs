@@ -1,6 +1,7 @@
 //! The lab's backends: where the ledger, the naive strategies' keys and the barrier's
 //! records live. Every strategy writes real rows on the real backend.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,8 @@ pub struct TxPayment {
     pub latency: Duration,
     /// The worker dies between the two legs: the transaction never commits.
     pub crash: bool,
+    /// Counts every start of the operation's body (FoundationDB may run it more than once).
+    pub executions: Arc<AtomicU64>,
 }
 
 pub type TxAnswer = Result<Response<i64, String>, RunError<String>>;
@@ -82,7 +85,8 @@ pub trait LabBackend: Send + Sync {
     ) -> Result<bool, Error>;
     /// The ledger, per payment.
     async fn tally(&self, strategy: &str) -> Result<Vec<Tally>, Error>;
-    /// The transactional barrier, if the backend has one.
+    /// The transactional barrier; `None` if the backend has none (its store does not
+    /// declare `transactional`).
     async fn transactional(
         &self,
         clock: &ManualClock,
@@ -244,6 +248,7 @@ impl LabBackend for SqliteLab {
         let barrier =
             Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
         let op = Box::new(move |tx: &rusqlite::Transaction<'_>| {
+            p.executions.fetch_add(1, Ordering::Relaxed);
             let fail = |e: rusqlite::Error| Failure::Retryable(e.to_string());
             sqlite_insert(tx, p.strategy, &p.payment, Leg::Debit, p.amount, None).map_err(fail)?;
             std::thread::sleep(p.latency);
@@ -402,6 +407,7 @@ impl LabBackend for PgLab {
             Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
         let op: idem::postgres::PgOperation<i64, String, String> = Box::new(move |conn| {
             Box::pin(async move {
+                p.executions.fetch_add(1, Ordering::Relaxed);
                 let fail = |e: sqlx::Error| Failure::Retryable(e.to_string());
                 let insert = |leg: Leg| {
                     sqlx::query(PG_INSERT)

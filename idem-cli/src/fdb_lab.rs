@@ -1,6 +1,7 @@
 //! The lab's FoundationDB backend (feature `fdb`): ledger and naive keys in their own
 //! subspace, the barrier's records in the store's.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,6 +213,7 @@ impl LabBackend for FdbLab {
         let op: FdbOperation<i64, String, String> = Box::new(move |trx| {
             let (space, p) = (space.clone(), p.clone());
             Box::pin(async move {
+                p.executions.fetch_add(1, Ordering::Relaxed);
                 let row = |leg: Leg| {
                     space.pack(&(
                         "ledger",

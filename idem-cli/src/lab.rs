@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem::{
-    Barrier, Clock, DynStore, Error, Fingerprint, Key, ManualClock, RunError, Started, SystemClock,
-};
+use idem::{Barrier, Clock, Error, Fingerprint, Key, ManualClock, RunError, Started, SystemClock};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -96,6 +94,15 @@ impl Strategy {
     }
 }
 
+/// How far an operation got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Legs {
+    /// Both legs are written.
+    Written,
+    /// The worker died after the debit.
+    WorkerDied,
+}
+
 /// How one request was answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Answer {
@@ -136,7 +143,8 @@ struct Run {
     clock: ManualClock,
     barrier: Barrier<dyn idem::Store>,
     latency: Duration,
-    executions: AtomicU64,
+    /// Operation bodies started (the transactional operations count themselves).
+    executions: Arc<AtomicU64>,
 }
 
 impl Run {
@@ -151,7 +159,7 @@ impl Run {
         amount: i64,
         crash: bool,
         dedup: Option<(&Key, &Key)>,
-    ) -> Result<(), Error> {
+    ) -> Result<Legs, Error> {
         self.executions.fetch_add(1, Ordering::Relaxed);
         let tag = self.strategy.tag();
         self.backend
@@ -159,11 +167,12 @@ impl Run {
             .await?;
         tokio::time::sleep(self.latency).await;
         if crash {
-            return Err(Error::Config("worker died".into()));
+            return Ok(Legs::WorkerDied);
         }
         self.backend
             .insert(tag, payment, Leg::Credit, amount, dedup.map(|d| d.1.id()))
-            .await
+            .await?;
+        Ok(Legs::Written)
     }
 
     async fn request(&self, p: &Planned, amount: i64, crash: bool) -> Answer {
@@ -175,7 +184,7 @@ impl Run {
                     Ok(false) => {}
                     Err(_) => return Answer::Failed,
                 }
-                if self.legs(&p.payment, amount, crash, None).await.is_err() {
+                if self.legs(&p.payment, amount, crash, None).await.ok() != Some(Legs::Written) {
                     return Answer::Failed;
                 }
                 match self.backend.naive_mark(tag, &p.payment).await {
@@ -191,8 +200,8 @@ impl Run {
                     Err(_) => return Answer::Failed,
                 }
                 match self.legs(&p.payment, amount, crash, None).await {
-                    Ok(()) => Answer::Executed,
-                    Err(_) => Answer::Failed,
+                    Ok(Legs::Written) => Answer::Executed,
+                    Ok(Legs::WorkerDied) | Err(_) => Answer::Failed,
                 }
             }
             Strategy::BarrierLease => {
@@ -210,7 +219,8 @@ impl Run {
                 if self
                     .legs(&p.payment, amount, crash, Some((&debit, &credit)))
                     .await
-                    .is_err()
+                    .ok()
+                    != Some(Legs::Written)
                 {
                     // The worker is gone: its lease stays until it expires.
                     return Answer::Failed;
@@ -224,33 +234,23 @@ impl Run {
                 let Ok(key) = Key::new("lab/payments-tx", p.payment.clone()) else {
                     return Answer::Failed;
                 };
-                self.executions.fetch_add(1, Ordering::Relaxed);
                 let payment = TxPayment {
                     strategy: tag,
                     payment: p.payment.clone(),
                     amount,
                     latency: self.latency,
                     crash,
+                    executions: Arc::clone(&self.executions),
                 };
                 match self
                     .backend
                     .transactional(&self.clock, &key, Self::fp(amount), payment)
                     .await
                 {
-                    Some(Ok(r)) if r.replayed => {
-                        // The counter above counted an attempt that did not run.
-                        self.executions.fetch_sub(1, Ordering::Relaxed);
-                        Answer::Replayed
-                    }
+                    Some(Ok(r)) if r.replayed => Answer::Replayed,
                     Some(Ok(_)) => Answer::Executed,
-                    Some(Err(RunError::Barrier(Error::Mismatch))) => {
-                        self.executions.fetch_sub(1, Ordering::Relaxed);
-                        Answer::Mismatch
-                    }
-                    Some(Err(RunError::Barrier(Error::InProgress { .. }))) => {
-                        self.executions.fetch_sub(1, Ordering::Relaxed);
-                        Answer::Conflict
-                    }
+                    Some(Err(RunError::Barrier(Error::Mismatch))) => Answer::Mismatch,
+                    Some(Err(RunError::Barrier(Error::InProgress { .. }))) => Answer::Conflict,
                     _ => Answer::Failed,
                 }
             }
@@ -275,14 +275,17 @@ fn bar(total: u64, quiet: bool, label: &str) -> ProgressBar {
 /// Runs the plan once with `strategy` and reads the ledger.
 pub async fn run_strategy(
     backend: Arc<dyn LabBackend>,
-    store: DynStore,
     strategy: Strategy,
     config: &LabConfig,
     quiet: bool,
 ) -> Result<Option<StrategyReport>, Error> {
+    let store = backend.store();
     let clock = ManualClock::new(SystemClock.now());
     let planned = plan(config);
-    let probe = Run {
+    if strategy == Strategy::BarrierTransactional && !store.guarantees().transactional {
+        return Ok(None);
+    }
+    let run = Arc::new(Run {
         backend: Arc::clone(&backend),
         strategy,
         clock: clock.clone(),
@@ -290,26 +293,8 @@ pub async fn run_strategy(
             .with_clock(Arc::new(clock.clone()))
             .with_lease(LEASE),
         latency: Duration::from_millis(config.latency_ms),
-        executions: AtomicU64::new(0),
-    };
-    if strategy == Strategy::BarrierTransactional {
-        let key = Key::new("lab/probe", "probe")?;
-        let p = TxPayment {
-            strategy: "probe",
-            payment: "probe".into(),
-            amount: 0,
-            latency: Duration::ZERO,
-            crash: false,
-        };
-        if backend
-            .transactional(&clock, &key, Run::fp(0), p)
-            .await
-            .is_none()
-        {
-            return Ok(None);
-        }
-    }
-    let run = Arc::new(probe);
+        executions: Arc::default(),
+    });
     let answers: Arc<std::sync::Mutex<Vec<Answer>>> = Arc::default();
     let pb = bar(planned.len() as u64 * 2, quiet, strategy.name());
     let started = Instant::now();

@@ -250,14 +250,8 @@ async fn run(cli: Cli) -> Result<bool, Error> {
             let mut reports = Vec::new();
             for strategy in Strategy::ALL {
                 backend.reset().await?;
-                if let Some(r) = lab::run_strategy(
-                    Arc::clone(&backend),
-                    backend.store(),
-                    strategy,
-                    &config,
-                    json,
-                )
-                .await?
+                if let Some(r) =
+                    lab::run_strategy(Arc::clone(&backend), strategy, &config, json).await?
                 {
                     reports.push(r);
                 }
