@@ -208,6 +208,9 @@ async fn model_check<F: StoreFactory>(f: &F) -> Result<(), String> {
                 let mut now = SystemClock.now();
                 let mut leases: BTreeMap<usize, Vec<Lease>> = BTreeMap::new();
                 for (i, step) in steps.iter().enumerate() {
+                    let presented = |key: usize, choice: usize| {
+                        pick_lease(leases.get(&key).map_or(&[], |v| v), &keys[key], choice, now)
+                    };
                     let (k, op) = match *step {
                         Step::Advance { by } => {
                             now = now.plus(ADVANCES[by]);
@@ -243,12 +246,7 @@ async fn model_check<F: StoreFactory>(f: &F) -> Result<(), String> {
                         } => (
                             key,
                             Op::Finish {
-                                lease: pick_lease(
-                                    leases.get(&key).map_or(&[], |v| v),
-                                    &keys[key],
-                                    lease,
-                                    now,
-                                ),
+                                lease: presented(key, lease),
                                 failed,
                                 response: codec::encode(&response).map_err(err)?,
                                 expires_at: now.plus(RETENTION),
@@ -257,24 +255,14 @@ async fn model_check<F: StoreFactory>(f: &F) -> Result<(), String> {
                         Step::Extend { key, lease } => (
                             key,
                             Op::Extend {
-                                lease: pick_lease(
-                                    leases.get(&key).map_or(&[], |v| v),
-                                    &keys[key],
-                                    lease,
-                                    now,
-                                ),
+                                lease: presented(key, lease),
                                 deadlines: deadlines(now),
                             },
                         ),
                         Step::Release { key, lease } => (
                             key,
                             Op::Release {
-                                lease: pick_lease(
-                                    leases.get(&key).map_or(&[], |v| v),
-                                    &keys[key],
-                                    lease,
-                                    now,
-                                ),
+                                lease: presented(key, lease),
                             },
                         ),
                         Step::Get { key } => (key, Op::Get),
