@@ -6,7 +6,13 @@ apt_install() {
         apt-get update -qq
         IDEM_APT_UPDATED=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    # A dpkg run that was interrupted (another install killed midway) blocks every later
+    # install until it is configured; a half-installed package needs --fix-broken.
+    DEBIAN_FRONTEND=noninteractive dpkg --configure -a >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || {
+        DEBIAN_FRONTEND=noninteractive apt-get --fix-broken install -y -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    }
 }
 
 wait_for() { # name, command...
@@ -62,4 +68,52 @@ ensure_build_deps() {
     command -v cc >/dev/null 2>&1 || apt_install build-essential
     cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
     cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+}
+
+ensure_mariadb() {
+    command -v mariadb >/dev/null 2>&1 || apt_install mariadb-server mariadb-client
+    if mariadb -h 127.0.0.1 -P 3306 -u root -e 'SELECT 1' >/dev/null 2>&1; then
+        mariadb -h 127.0.0.1 -P 3306 -u root -e 'CREATE DATABASE IF NOT EXISTS test'
+        return 0
+    fi
+    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
+    if [ ! -d /var/lib/mysql/mysql ]; then
+        mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
+    fi
+    (service mariadb start || /etc/init.d/mariadb start || (mysqld_safe --bind-address=127.0.0.1 --port=3306 >/dev/null 2>&1 &)) >/dev/null 2>&1 || true
+    wait_for mariadb sh -c 'mariadb -h 127.0.0.1 -P 3306 -u root -e "SELECT 1" || mariadb -u root -e "SELECT 1"'
+    # Tests connect as root over TCP with an empty password, as on the project's machines.
+    mariadb -u root -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD(''); FLUSH PRIVILEGES" >/dev/null 2>&1 || true
+    mariadb -h 127.0.0.1 -P 3306 -u root -e 'CREATE DATABASE IF NOT EXISTS test'
+}
+
+port_open() { # port
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") >/dev/null 2>&1
+}
+
+ensure_nats() {
+    command -v nats-server >/dev/null 2>&1 || apt_install nats-server
+    port_open 4222 && return 0
+    mkdir -p /var/lib/nats-server
+    nohup nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log >/dev/null 2>&1 &
+    wait_for nats port_open 4222
+}
+
+ensure_rabbitmq() {
+    command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
+    port_open 5672 && return 0
+    (service rabbitmq-server start || /etc/init.d/rabbitmq-server start) >/dev/null 2>&1 || true
+    port_open 5672 || (nohup rabbitmq-server >/var/log/rabbitmq-ci.log 2>&1 &)
+    wait_for rabbitmq port_open 5672
+}
+
+ensure_etcd() {
+    # The cluster tests start their own etcd members on loopback ports (see scripts/cluster.sh);
+    # they only need the binaries.
+    command -v etcd >/dev/null 2>&1 || apt_install etcd-server etcd-client
+}
+
+ensure_protoc() {
+    # etcd-client generates its gRPC code with protoc at build time.
+    command -v protoc >/dev/null 2>&1 || apt_install protobuf-compiler
 }

@@ -2,7 +2,6 @@
 
 use std::fmt::Debug;
 use std::future::Future;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -10,29 +9,20 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 /// The most shrinking steps spent on one failure.
 const MAX_SHRINK_STEPS: u32 = 512;
 
-/// The seed of this run: `IDEM_CONFORMANCE_SEED` (hex) if set, else from the clock.
-pub(crate) fn seed() -> u64 {
-    std::env::var("IDEM_CONFORMANCE_SEED")
-        .ok()
-        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0x1de5)
-        })
-}
-
 /// Checks `test` on `cases` values of `strategy`. On failure, shrinks and returns the
 /// minimal failing input with the seed that reproduces it.
-pub(crate) async fn check<S, F, Fut>(strategy: S, cases: u32, mut test: F) -> Result<(), String>
+pub(crate) async fn check<S, F, Fut>(
+    strategy: S,
+    cases: u32,
+    seed: u64,
+    mut test: F,
+) -> Result<(), String>
 where
     S: Strategy,
     S::Value: Debug,
     F: FnMut(S::Value) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
-    let seed = seed();
     let mut bytes = [0u8; 32];
     for chunk in bytes.chunks_mut(8) {
         chunk.copy_from_slice(&seed.to_le_bytes());
@@ -58,8 +48,7 @@ where
             }
         }
         return Err(format!(
-            "failed on case {case} (seed {seed:016x}; rerun with IDEM_CONFORMANCE_SEED={seed:016x}), \
-             shrunk in {steps} steps to:\n{}\nbecause: {}",
+            "failed on case {case}, shrunk in {steps} steps to:\n{}\nbecause: {}",
             minimal.0, minimal.1
         ));
     }

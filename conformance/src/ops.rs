@@ -1,7 +1,7 @@
 //! One-key operations, applied to the sequential model or to a real store.
 
 use idem_core::{
-    model, Begin, Deadlines, Error, Fingerprint, Key, Lease, Record, Store, Timestamp,
+    backend::model, Begin, Deadlines, Error, Fingerprint, Key, Lease, Record, Store, Timestamp,
 };
 
 /// An operation on one key, with every input the contract's answer depends on.
@@ -39,6 +39,12 @@ pub enum Op {
     },
     /// `get(key)`.
     Get,
+    /// `purge(now, batch)`, seen from one key: it deletes the record if its `expires_at` has
+    /// passed, or may leave it (the batch was full of other records, or the row was busy).
+    Purge {
+        /// The batch size passed.
+        batch: usize,
+    },
 }
 
 /// What an operation answered. Errors other than `LeaseLost` are not part of the model.
@@ -52,6 +58,18 @@ pub enum Ret {
     Extend(Option<Lease>),
     /// `get`'s record.
     Get(Option<Record>),
+    /// `purge`'s count (over all keys, so a per-key history does not compare it).
+    Purged(u64),
+}
+
+impl Ret {
+    /// Whether `got`, returned by a store for `op`, is the answer `want` of the model.
+    pub fn matches(op: &Op, got: &Ret, want: &Ret) -> bool {
+        match op {
+            Op::Purge { .. } => matches!(got, Ret::Purged(_)),
+            _ => got == want,
+        }
+    }
 }
 
 /// Applies `op` to the model state `rec`: the answer and the state after.
@@ -83,6 +101,27 @@ pub fn step(rec: Option<&Record>, key: &Key, op: &Op, now: Timestamp) -> (Ret, O
             Err(_) => (Ret::Fenced(false), same),
         },
         Op::Get => (Ret::Get(same.clone()), same),
+        Op::Purge { .. } => match rec {
+            Some(r) if r.expires_at <= now => (Ret::Purged(1), None),
+            _ => (Ret::Purged(0), same),
+        },
+    }
+}
+
+/// Every answer and state the model allows for `op`: one, except for a purge of an expired
+/// record, which may delete it or (batch full, row busy) leave it.
+pub fn outcomes(
+    rec: Option<&Record>,
+    key: &Key,
+    op: &Op,
+    now: Timestamp,
+) -> Vec<(Ret, Option<Record>)> {
+    let first = step(rec, key, op, now);
+    match op {
+        Op::Purge { .. } if first.1.is_none() && rec.is_some() => {
+            vec![first, (Ret::Purged(0), rec.cloned())]
+        }
+        _ => vec![first],
     }
 }
 
@@ -128,5 +167,6 @@ pub async fn apply<S: Store + ?Sized>(
         },
         Op::Release { lease } => fenced(store.release(lease, now).await),
         Op::Get => Ok(Ret::Get(store.get(key).await?)),
+        Op::Purge { batch } => Ok(Ret::Purged(store.purge(now, *batch).await?)),
     }
 }

@@ -1,8 +1,10 @@
-//! The reference store passes its own suite.
+//! The reference stores pass the whole suite: `MemoryStore` (lease mode; what it does not
+//! declare is skipped) and the self-test's correct `LabStore` (every guarantee declared and
+//! checked, transactional mode included).
 
-use async_trait::async_trait;
-use idem_conformance::StoreFactory;
-use idem_core::{Error, MemoryStore};
+use idem_conformance::broken::LabFactory;
+use idem_conformance::prelude::*;
+use idem_core::MemoryStore;
 
 struct MemoryFactory;
 
@@ -19,4 +21,5 @@ impl StoreFactory for MemoryFactory {
     }
 }
 
-idem_conformance::conformance_tests!(memory, MemoryFactory);
+conformance_tests!(memory, MemoryFactory);
+conformance_tests!(lab_reference, LabFactory::reference(), transactional);

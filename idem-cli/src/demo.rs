@@ -66,7 +66,7 @@ fn outcome(r: &idem::Response<String, String>) -> &str {
 /// Runs the four scenarios against the SQLite file at `path` and prints the ledger.
 pub async fn run(path: &std::path::Path) -> Result<bool, Error> {
     let _ = std::fs::remove_file(path);
-    let store = SqliteStore::open(path).await?;
+    let store = SqliteStore::connect(path).await?;
     store
         .with_connection(|c| c.execute_batch("CREATE TABLE ledger (payment TEXT NOT NULL, account TEXT NOT NULL, amount INTEGER NOT NULL)"))
         .await?;

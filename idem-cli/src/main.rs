@@ -1,118 +1,38 @@
 //! `idem`: the phantom-write lab, the payments demo, benchmarks, and operator commands.
 
-mod backend;
+mod audit;
 mod bench;
 mod demo;
-#[cfg(feature = "fdb")]
-mod fdb_lab;
+mod error;
 mod lab;
+mod ops;
+mod pipeline;
+mod serve;
+mod target;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use idem::{Clock, DynStore, Error, Key, SystemClock};
+use clap::{Parser, Subcommand};
 
-use crate::backend::{LabBackend, PgLab, RedisLab, SqliteLab};
-use crate::lab::{LabConfig, Strategy};
+use crate::error::CliError;
+use crate::lab::LabConfig;
+use crate::ops::show::Format;
+use crate::target::{OpsTarget, Target};
 
 #[derive(Parser)]
 #[command(
     name = "idem",
     version,
-    about = "Make retried operations take effect exactly once."
+    about = "Make retried operations take effect exactly once.",
+    after_help = "Exit status of the operator commands (stats, get, list, purge, migrate, check): \
+0 done; 1 check found a failing property; 2 bad arguments or a store error; 3 the records \
+table (or SQLite file) does not exist, and nothing was created; 4 cannot connect to the \
+server within --connect-timeout. `idem audit` documents its own."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum BackendKind {
-    Sqlite,
-    Postgres,
-    Redis,
-    /// FoundationDB (built with the `fdb` feature), at `--cluster-file`.
-    #[cfg(feature = "fdb")]
-    Fdb,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-struct Target {
-    /// Which store.
-    #[arg(long, value_enum, default_value = "sqlite")]
-    backend: BackendKind,
-    /// Server URL for postgres and redis (defaults: IDEM_POSTGRES_URL / IDEM_REDIS_URL, then
-    /// the local servers).
-    #[arg(long)]
-    url: Option<String>,
-    /// SQLite database file (default: a file in the temporary directory).
-    #[arg(long)]
-    db: Option<PathBuf>,
-    /// FoundationDB cluster file (default: the system's).
-    #[cfg(feature = "fdb")]
-    #[arg(long)]
-    cluster_file: Option<String>,
-}
-
-impl Target {
-    fn url(&self) -> String {
-        server_url(self.backend, self.url.clone())
-    }
-
-    fn db(&self, name: &str) -> PathBuf {
-        self.db
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join(name))
-    }
-
-    async fn lab(&self) -> Result<Arc<dyn LabBackend>, Error> {
-        Ok(match self.backend {
-            BackendKind::Sqlite => {
-                let path = self.db("idem-lab.db");
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                }
-                Arc::new(SqliteLab::open(&path).await?)
-            }
-            BackendKind::Postgres => Arc::new(PgLab::connect(&self.url(), 32).await?),
-            BackendKind::Redis => Arc::new(RedisLab::connect(&self.url()).await?),
-            #[cfg(feature = "fdb")]
-            BackendKind::Fdb => Arc::new(fdb_lab::FdbLab::open(self.cluster_file.as_deref())?),
-        })
-    }
-
-    async fn store(&self) -> Result<DynStore, Error> {
-        Ok(match self.backend {
-            BackendKind::Sqlite => {
-                Arc::new(idem::sqlite::SqliteStore::open(self.db("idem.db")).await?)
-            }
-            BackendKind::Postgres => Arc::new(idem::postgres::PgStore::connect(&self.url()).await?),
-            BackendKind::Redis => Arc::new(idem::redis::RedisStore::connect(&self.url()).await?),
-            #[cfg(feature = "fdb")]
-            BackendKind::Fdb => Arc::new(idem::fdb::FdbStore::open(
-                self.cluster_file.as_deref(),
-                "default",
-                idem::fdb::FdbOptions::default(),
-            )?),
-        })
-    }
-}
-
-/// The server URL: the one given, else `IDEM_POSTGRES_URL` / `IDEM_REDIS_URL`, else the
-/// local server.
-fn server_url(backend: BackendKind, explicit: Option<String>) -> String {
-    let (var, default) = match backend {
-        BackendKind::Postgres => (
-            "IDEM_POSTGRES_URL",
-            "postgres://postgres@127.0.0.1:5432/test",
-        ),
-        _ => ("IDEM_REDIS_URL", "redis://127.0.0.1:6379/"),
-    };
-    explicit
-        .or_else(|| std::env::var(var).ok())
-        .unwrap_or_else(|| default.to_string())
 }
 
 #[derive(Subcommand)]
@@ -122,30 +42,8 @@ enum Command {
     Lab {
         #[command(flatten)]
         target: Target,
-        /// Payments in the workload.
-        #[arg(long, default_value_t = 2000)]
-        payments: usize,
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 500)]
-        clients: usize,
-        /// Share of responses lost after the server applied them (the client retries).
-        #[arg(long, default_value_t = 0.10)]
-        lost: f64,
-        /// Share of workers that die between the debit and the credit.
-        #[arg(long, default_value_t = 0.05)]
-        crash: f64,
-        /// Share of requests redelivered after a 26-hour clock jump.
-        #[arg(long, default_value_t = 0.10)]
-        late: f64,
-        /// Share of keys reused with a different amount.
-        #[arg(long, default_value_t = 0.02)]
-        reuse: f64,
-        /// Simulated latency of the payment network between the two legs, in ms.
-        #[arg(long, default_value_t = 2)]
-        latency_ms: u64,
-        /// Seed of the workload (the same seed gives the same requests).
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        config: LabConfig,
         /// Print the results as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -157,168 +55,152 @@ enum Command {
         #[arg(long)]
         db: Option<PathBuf>,
     },
-    /// Benchmarks printing the barrier against the same work without it.
-    Bench {
-        /// postgres or redis.
-        #[arg(value_enum)]
-        backend: BackendKind,
-        /// Server URL (defaults as for `lab`).
-        #[arg(long)]
-        url: Option<String>,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-    },
+    /// Benchmarks: the barrier beside the same work without it and the hand-rolled
+    /// pattern, as ratios from one run, with p50/p99 latency (`--json`: one object per line).
+    Bench(bench::BenchArgs),
     /// Record counts per state (also published as the `idem_records` gauge by the library).
+    /// Read-only: creates nothing, and says so when the table is absent (exit 3).
     Stats {
         #[command(flatten)]
-        target: Target,
+        target: OpsTarget,
     },
-    /// Deletes records whose retention has passed, in batches.
+    /// Deletes records whose retention has passed, in batches, with progress on stderr.
     Purge {
         #[command(flatten)]
-        target: Target,
-        /// Records per batch.
+        target: OpsTarget,
+        /// Records per batch (one statement or script call each).
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        /// Count what would be purged (reading the records) and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
-    /// Shows one key's record.
+    /// A payments HTTP API behind the Idempotency-Key layer (POST /payments,
+    /// GET /payments/{id}, GET /metrics).
+    Serve(serve::ServeArgs),
+    /// Audits any HTTP endpoint's idempotency: burst, retries, lost response, changed
+    /// payload, missing key, tenant scope, key expiry. Exit 0 all passed, 1 a probe failed,
+    /// 2 bad arguments (nothing sent), 3 stopped at a bound, 4 nothing could be judged.
+    Audit(Box<audit::AuditArgs>),
+    /// Orders -> transactional outbox -> relay -> broker -> consumer barrier -> ledger, with
+    /// faults at every boundary; exit 1 on any duplicate or lost message.
+    Pipeline(Box<pipeline::PipelineArgs>),
+    /// Shows one key's record (read-only). Outcomes show as JSON when they are, else
+    /// UTF-8 text, else hex.
     Get {
         #[command(flatten)]
-        target: Target,
+        target: OpsTarget,
+        /// The key's scope.
         #[arg(long)]
         scope: String,
+        /// The key's id.
         #[arg(long)]
         id: String,
+        /// `table` for people, `json` for one object per line with stable field names.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Lists records in the store's key order (read-only; SQLite, PostgreSQL, MySQL).
+    List {
+        #[command(flatten)]
+        target: OpsTarget,
+        /// Only this scope.
+        #[arg(long)]
+        scope: Option<String>,
+        /// At most this many records (stderr says when there are more).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// `table` for people, `json` for one object per line with stable field names.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Creates the records table (idempotent); `--print` prints the DDL for review without
+    /// connecting. Redis and etcd have no schema.
+    Migrate {
+        #[command(flatten)]
+        target: OpsTarget,
+        /// Print the DDL instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Runs the conformance suite against the configured server (SQLite, PostgreSQL) in a
+    /// scratch namespace it removes afterwards, and prints the report; exit 1 if a property
+    /// failed.
+    Check {
+        #[command(flatten)]
+        target: OpsTarget,
     },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("idem: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
-            }
-            ExitCode::from(2)
+            eprintln!("idem: {}", idem::ErrorChain(&e));
+            e.exit_code()
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<bool, Error> {
-    match cli.command {
+/// Runs the command: 0 when all went well, 1 when it ran and found a problem (a violation,
+/// a failed probe), an error (status 2) when it could not run.
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let passed = match cli.command {
         Command::Lab {
             target,
-            payments,
-            clients,
-            lost,
-            crash,
-            late,
-            reuse,
-            latency_ms,
-            seed,
+            config,
             json,
-        } => {
-            for (name, share) in [
-                ("lost", lost),
-                ("crash", crash),
-                ("late", late),
-                ("reuse", reuse),
-            ] {
-                if !(0.0..=1.0).contains(&share) {
-                    return Err(Error::Config(format!(
-                        "--{name} must be between 0 and 1, got {share}"
-                    )));
-                }
-            }
-            let config = LabConfig {
-                payments,
-                clients,
-                lost,
-                crash,
-                late,
-                reuse,
-                latency_ms,
-                seed,
-            };
-            let backend = target.lab().await?;
-            let mut reports = Vec::new();
-            for strategy in Strategy::ALL {
-                backend.reset().await?;
-                if let Some(r) =
-                    lab::run_strategy(Arc::clone(&backend), strategy, &config, json).await?
-                {
-                    reports.push(r);
-                }
-            }
-            if json {
-                let out = serde_json::json!({ "config": config, "results": reports });
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out).map_err(|e| Error::Encode(Box::new(e)))?
-                );
-            } else {
-                lab::print_table(&reports, &config);
-            }
-            let violations = lab::barrier_violations(&reports);
-            for v in &violations {
-                eprintln!("idem lab: BARRIER VIOLATION: {v}");
-            }
-            Ok(violations.is_empty())
-        }
+        } => lab::run(&target, &config, json).await?,
         Command::Demo { db } => {
-            demo::run(&db.unwrap_or_else(|| std::env::temp_dir().join("idem-demo.db"))).await
+            demo::run(&db.unwrap_or_else(|| std::env::temp_dir().join("idem-demo.db"))).await?
         }
-        Command::Bench {
-            backend,
-            url,
-            seconds,
-        } => {
-            let url = server_url(backend, url);
-            match backend {
-                BackendKind::Postgres => bench::postgres(&url, seconds).await?,
-                BackendKind::Redis => bench::redis(&url, seconds).await?,
-                _ => return Err(Error::Config("bench supports postgres and redis".into())),
-            }
-            Ok(true)
+        Command::Bench(args) => {
+            bench::run(args).await?;
+            true
         }
         Command::Stats { target } => {
-            let s = target.store().await?.stats().await?;
-            println!(
-                "in_progress {}\ncompleted   {}\nfailed      {}\ntotal       {}",
-                s.in_progress,
-                s.completed,
-                s.failed,
-                s.total()
-            );
-            Ok(true)
+            ops::stats(&target).await?;
+            true
         }
-        Command::Purge { target, batch } => {
-            let store = target.store().await?;
-            let now = SystemClock.now();
-            let mut total = 0;
-            loop {
-                let n = store.purge(now, batch.max(1)).await?;
-                total += n;
-                if n < batch.max(1) as u64 {
-                    break;
-                }
-            }
-            println!("purged {total} records");
-            Ok(true)
+        Command::Purge {
+            target,
+            batch,
+            dry_run,
+        } => {
+            ops::purge(&target, batch, dry_run).await?;
+            true
         }
-        Command::Get { target, scope, id } => {
-            let key = Key::new(scope, id)?;
-            match target.store().await?.get(&key).await? {
-                Some(r) => println!("{r:#?}"),
-                None => println!("no record for {key}"),
-            }
-            Ok(true)
+        Command::Serve(args) => serve::run(args).await?,
+        Command::Audit(args) => return audit::run(*args).await,
+        Command::Pipeline(args) => pipeline::run(*args).await?,
+        Command::Get {
+            target,
+            scope,
+            id,
+            format,
+        } => {
+            ops::get(&target, scope, id, format).await?;
+            true
         }
-    }
+        Command::List {
+            target,
+            scope,
+            limit,
+            format,
+        } => {
+            ops::list(&target, scope, limit, format).await?;
+            true
+        }
+        Command::Migrate { target, print } => {
+            ops::migrate(&target, print).await?;
+            true
+        }
+        Command::Check { target } => ops::check::run(&target).await?,
+    };
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

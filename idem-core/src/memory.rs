@@ -5,15 +5,15 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
+use crate::backend::model;
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
-use crate::model;
 use crate::record::{Begin, Deadlines, Lease, Record, Stats};
 use crate::store::{Guarantees, Store};
 use crate::time::Timestamp;
 
-/// The reference store: the pure [`crate::model`] behind one mutex.
+/// The reference store: the pure [`crate::backend::model`] behind one mutex.
 ///
 /// Strict and linearizable inside one process; keeps nothing across restarts. It is what the
 /// conformance suite compares other stores against, and a fine store for tests.
@@ -151,6 +151,25 @@ impl Store for MemoryStore {
             records.remove(k);
         }
         Ok(doomed.len() as u64)
+    }
+
+    /// In key order (scope, then id, bytewise).
+    async fn list(
+        &self,
+        scope: Option<&str>,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Option<Vec<Record>>, Error> {
+        let records = self.lock();
+        Ok(Some(
+            records
+                .iter()
+                .filter(|(k, _)| after.is_none_or(|a| *k > a))
+                .filter(|(k, _)| scope.is_none_or(|s| k.scope() == s))
+                .take(limit)
+                .map(|(_, r)| r.clone())
+                .collect(),
+        ))
     }
 
     async fn stats(&self) -> Result<Stats, Error> {

@@ -132,7 +132,7 @@ impl Guarantees {
 ///
 /// Every operation concerns one key and, on a store that declares
 /// [`Guarantees::linearizable`], takes effect atomically at one instant between its call and
-/// its return. [`crate::model`] is the executable form of this contract; the conformance
+/// its return. [`crate::backend::model`] is the executable form of this contract; the conformance
 /// suite (`idem-conformance`) compares a store against it.
 ///
 /// - `begin`: no record → create `InProgress` with token 1 → `Acquired`. Both fingerprints
@@ -143,8 +143,9 @@ impl Guarantees {
 /// - `complete` / `fail`: only if the record is `InProgress` with the lease's token and the
 ///   lease was not released; otherwise [`Error::LeaseLost`] and nothing is written.
 /// - `extend`: fenced the same way; returns the lease with its new deadline.
-/// - `release`: fenced; marks the lease released (`lease_until = Timestamp::MIN`) without
-///   resetting the token, so the next `begin` acquires with a larger token.
+/// - `release`: fenced; the next `begin` acquires at once, with a larger token and
+///   `reclaimed` unset (tokens of a key never repeat while its record exists). A released
+///   record reads back from `get` as `InProgress` with `lease_until == Timestamp::MIN`.
 /// - `purge`: deletes at most `batch` records whose `expires_at <= now`, returns how many.
 /// - `stats`: counts per state.
 ///
@@ -201,6 +202,40 @@ pub trait Store: Send + Sync {
 
     /// Counts records per state.
     async fn stats(&self) -> Result<Stats, Error>;
+
+    /// An estimate of [`Store::stats`] from the database's own statistics, for tables too
+    /// large to count often; `None` (the default) when the store has no cheap estimate, and
+    /// then callers count with [`Store::stats`].
+    ///
+    /// # Contract
+    ///
+    /// Reads only catalog or summary data: never a scan of the records, never a write. The
+    /// numbers may be stale or approximate (as of the database's last statistics run).
+    async fn estimated_stats(&self) -> Result<Option<Stats>, Error> {
+        Ok(None)
+    }
+
+    /// One page of records, for operator tools (`idem list`): at most `limit` records in the
+    /// store's key order, starting after `after` (the last key of the previous page; `None`
+    /// for the first page), only of `scope` if one is given. `None` (the default) when the
+    /// store cannot list its records.
+    ///
+    /// # Contract
+    ///
+    /// Reads only: never a write, never a lock a claim would wait on for long. Paging from
+    /// `None` with each page's last key as the next `after` returns every record that existed
+    /// throughout, exactly once, and each as [`Store::get`] would return it. The order is
+    /// the store's own (byte order, or the database's collation); callers must not assume
+    /// one beyond "pages do not overlap".
+    async fn list(
+        &self,
+        scope: Option<&str>,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Option<Vec<Record>>, Error> {
+        let _ = (scope, after, limit);
+        Ok(None)
+    }
 }
 
 macro_rules! forward_store {
@@ -256,6 +291,17 @@ macro_rules! forward_store {
             }
             async fn stats(&self) -> Result<Stats, Error> {
                 (**self).stats().await
+            }
+            async fn estimated_stats(&self) -> Result<Option<Stats>, Error> {
+                (**self).estimated_stats().await
+            }
+            async fn list(
+                &self,
+                scope: Option<&str>,
+                after: Option<&Key>,
+                limit: usize,
+            ) -> Result<Option<Vec<Record>>, Error> {
+                (**self).list(scope, after, limit).await
             }
         }
     )*};

@@ -1,68 +1,43 @@
 //! Transactional mode: the claim, the business writes and the outcome in one transaction.
 
 use std::future::Future;
-use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::Instrument;
 
-use crate::barrier::{Failure, Outcome, Response, RunError};
-use crate::codec;
-use crate::error::Error;
+use crate::backend::TxRequest;
+use crate::barrier::Barrier;
+use crate::error::{Error, RunError};
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
-use crate::record::{Begin, Deadlines, Lease};
+use crate::metrics as m;
+use crate::outcome::Response;
+use crate::policy::TxPolicy;
 use crate::store::Store;
-use crate::time::Timestamp;
-
-/// What a concurrent duplicate does while the first request's transaction is open.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
-pub enum TxPolicy {
-    /// Wait for the first transaction to end, then replay its outcome (or execute, if it
-    /// rolled back).
-    #[default]
-    Wait,
-    /// Answer [`crate::Error::InProgress`] at once with [`NO_WAIT_RETRY_AFTER`].
-    NoWait,
-}
-
-/// The `Retry-After` a [`TxPolicy::NoWait`] duplicate gets: an open transaction has no
-/// lease deadline to report.
-pub const NO_WAIT_RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// One transactional-mode request, as the barrier hands it to the store.
-#[derive(Clone, Copy, Debug)]
-pub struct TxRequest<'a> {
-    /// The key.
-    pub key: &'a Key,
-    /// The request's fingerprint, if any.
-    pub fingerprint: Option<Fingerprint>,
-    /// Lease and retention of the claim; the claim is only visible to others if the store
-    /// cannot hide uncommitted rows, and then it is fenced and expires like any lease.
-    pub deadlines: Deadlines,
-    /// When the outcome may be purged.
-    pub expires_at: Timestamp,
-    /// The current time.
-    pub now: Timestamp,
-    /// What a concurrent duplicate does.
-    pub policy: TxPolicy,
-}
 
 /// A store that can run an operation inside its own transaction.
 ///
 /// # Contract
 ///
-/// `transact` opens one transaction and in it: claims the key exactly as
-/// [`Store::begin`] would (mismatch first, replay of a stored outcome, reclaim of an expired
-/// lease); runs the operation with the transaction; then
-/// - `Ok(value)`: writes `Completed` with the encoded value and commits everything;
-/// - `Err(Failure::Permanent(f))`: rolls back the business writes (a savepoint), writes
-///   `Failed` with the encoded failure, commits;
-/// - `Err(Failure::Retryable(e))`, an encoding error, or the future being dropped: rolls
-///   back everything, so no business row and no claim remain.
+/// `transact` claims the key exactly as [`Store::begin`] would (mismatch first, replay of a
+/// stored outcome without running the operation, reclaim of an expired lease), runs the
+/// operation with the store's transaction, and then, atomically with the claim:
+/// - `Ok(value)`: the business writes and a `Completed` record with the encoded value
+///   become visible together;
+/// - `Err(Failure::Permanent(f))`: none of the operation's business writes remain; a
+///   `Failed` record with the encoded failure becomes visible;
+/// - `Err(Failure::Retryable(e))`, an encoding error, or a crash: nothing remains, neither
+///   business writes nor a claim, and the next request with the key executes.
 ///
-/// A concurrent `transact` on the same key never runs its operation while the first is
-/// open: it waits and then replays ([`TxPolicy::Wait`]) or returns
+/// Dropping the returned future never leaves half a transaction: the transaction either
+/// commits whole (claim, business writes and outcome) or leaves nothing. Which one depends on
+/// the store (one that runs the transaction on a task of its own lets it finish; one driven
+/// by the caller's future rolls it back); the store's docs say which. Either way the next
+/// request with the key replays the committed outcome or executes, never both.
+///
+/// A concurrent `transact` on the same key never runs its operation while the first can
+/// still commit: it waits and then replays or executes ([`TxPolicy::Wait`]) or returns
 /// [`crate::Error::InProgress`] ([`TxPolicy::NoWait`]). If the commit's result is unknown
 /// (a dropped connection), the store answers a retryable [`crate::Error::Store`]; the
 /// next request then replays or executes, never both.
@@ -82,71 +57,69 @@ pub trait TransactionalStore: Store {
         E: Send + 'static;
 }
 
-/// An operation's result, ready to commit: the outcome to return and the bytes to store.
-#[derive(Debug)]
-pub struct Settled<T, F> {
-    /// The outcome to hand back to the caller.
-    pub outcome: Outcome<T, F>,
-    /// `true` if it is a permanent failure (roll back business writes, store `Failed`).
-    pub failed: bool,
-    /// The encoded outcome.
-    pub bytes: Vec<u8>,
-}
-
-impl<T, F> Settled<T, F> {
-    /// The fresh (not replayed) response.
-    pub fn into_response(self) -> Response<T, F> {
-        Response {
-            outcome: self.outcome,
-            replayed: false,
+impl<S: TransactionalStore> Barrier<S> {
+    /// Runs `op` inside the store's transaction together with the claim and the outcome
+    /// (transactional mode).
+    ///
+    /// The operation's type is the store's own ([`TransactionalStore::Operation`]): it
+    /// receives the store's transaction and writes business data through it. `Ok` commits
+    /// the business writes with a `Completed` record; [`Failure::Permanent`](crate::Failure::Permanent) rolls the
+    /// business writes back and commits a `Failed` record; [`Failure::Retryable`](crate::Failure::Retryable) or a
+    /// crash roll everything back and leave no record behind. A dropped future leaves the
+    /// whole transaction committed or nothing (see [`TransactionalStore`]'s contract): a retry
+    /// replays or executes, never both. A concurrent
+    /// duplicate waits for the first and replays it ([`TxPolicy::Wait`]) or gets
+    /// [`Error::InProgress`] at once ([`TxPolicy::NoWait`]); it never executes twice.
+    pub async fn transaction<T, F, E>(
+        &self,
+        key: &Key,
+        fingerprint: Option<Fingerprint>,
+        policy: TxPolicy,
+        op: S::Operation<T, F, E>,
+    ) -> Result<Response<T, F>, RunError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        F: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+    {
+        let span = tracing::info_span!(
+            "idem.transaction",
+            scope = key.scope(),
+            id = key.id(),
+            result = tracing::field::Empty
+        );
+        let now = self.clock.now();
+        let request = TxRequest {
+            key,
+            fingerprint,
+            deadlines: self.deadlines(now),
+            expires_at: self.expiry(now),
+            now,
+            policy,
+        };
+        let started = std::time::Instant::now();
+        let mut result = self
+            .store
+            .transact(request, op)
+            .instrument(span.clone())
+            .await;
+        match &mut result {
+            Ok(r) if !r.replayed => self.observe_duration(started.elapsed()),
+            // The store knows the key is held, not for how long the work takes: no later
+            // than the store says, sooner if this process's operations are faster.
+            Err(RunError::Barrier(Error::InProgress { retry_after })) => {
+                *retry_after = self.retry_after(*retry_after);
+            }
+            _ => {}
         }
-    }
-}
-
-/// Encodes an operation's result for a transactional store: `Err` means roll back
-/// everything and return the error.
-pub fn settle<T: Serialize, F: Serialize, E>(
-    result: Result<T, Failure<F, E>>,
-) -> Result<Settled<T, F>, RunError<E>> {
-    match result {
-        Ok(value) => Ok(Settled {
-            bytes: codec::encode(&value)?,
-            outcome: Outcome::Completed(value),
-            failed: false,
-        }),
-        Err(Failure::Permanent(failure)) => Ok(Settled {
-            bytes: codec::encode(&failure)?,
-            outcome: Outcome::Failed(failure),
-            failed: true,
-        }),
-        Err(Failure::Retryable(e)) => Err(RunError::Operation(e)),
-    }
-}
-
-/// Where a claim leaves a transactional-mode request.
-#[derive(Debug)]
-pub enum TxClaim<T, F> {
-    /// The key is ours: run the operation with this lease.
-    Acquired(Lease),
-    /// The key has an outcome: answer with it, without running the operation.
-    Replay(Response<T, F>),
-}
-
-/// Turns a claim's answer into the next step of transactional mode: run, replay, or
-/// refuse ([`Error::InProgress`] with the holder's remaining lease, [`Error::Mismatch`]).
-pub fn tx_claim<T: DeserializeOwned, F: DeserializeOwned>(
-    answer: Begin,
-    now: Timestamp,
-) -> Result<TxClaim<T, F>, Error> {
-    match answer {
-        Begin::Acquired(lease) => Ok(TxClaim::Acquired(lease)),
-        Begin::Completed { response } => {
-            Ok(TxClaim::Replay(Response::from_stored(false, &response)?))
-        }
-        Begin::Failed { response } => Ok(TxClaim::Replay(Response::from_stored(true, &response)?)),
-        Begin::InProgress { lease_until } => Err(Error::InProgress {
-            retry_after: lease_until.since(now),
-        }),
-        Begin::Mismatch => Err(Error::Mismatch),
+        let label = m::call_result(&result);
+        // The claim counter sees an operation that ran, however it ended, as an acquisition.
+        m::begin(match label {
+            "executed" | "operation_error" => "acquired",
+            other => other,
+        });
+        span.record("result", label);
+        m::call("transactional", label, started.elapsed());
+        result
     }
 }

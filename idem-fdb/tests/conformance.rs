@@ -4,11 +4,9 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use foundationdb::tuple::Subspace;
 use foundationdb::{Database, RangeOption};
-use idem_conformance::{StoreFactory, TxFactory, TxPlan};
-use idem_core::{Error, Key};
+use idem_conformance::prelude::*;
 use idem_fdb::{start_network, FdbOperation, FdbOptions, FdbStore};
 
 fn cluster_file() -> Option<String> {
@@ -62,12 +60,24 @@ impl StoreFactory for FdbFactory {
         let db = Database::new(cluster_file().as_deref()).map_err(Error::retryable)?;
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         let space = Subspace::all().subspace(&("idem-test", self.run.as_str(), n));
-        Ok(FdbStore::from_database(
-            Arc::new(db),
-            space,
-            FdbOptions::default(),
-        ))
+        FdbStore::from_database(Arc::new(db), FdbOptions::default().with_subspace(space))
     }
+
+    async fn reopen(&self, store: FdbStore) -> Option<Result<FdbStore, Error>> {
+        let space = store.subspace().clone();
+        drop(store);
+        Some(handle_on(space))
+    }
+
+    async fn second_handle(&self, store: &FdbStore) -> Option<Result<FdbStore, Error>> {
+        Some(handle_on(store.subspace().clone()))
+    }
+}
+
+/// A handle on `space` through a database connection of its own.
+fn handle_on(space: Subspace) -> Result<FdbStore, Error> {
+    let db = Database::new(cluster_file().as_deref()).map_err(Error::retryable)?;
+    FdbStore::from_database(Arc::new(db), FdbOptions::default().with_subspace(space))
 }
 
 #[async_trait]
@@ -96,5 +106,4 @@ impl TxFactory for FdbFactory {
     }
 }
 
-idem_conformance::conformance_tests!(fdb, FdbFactory::new());
-idem_conformance::transactional_tests!(fdb_tx, FdbFactory::new());
+conformance_tests!(fdb, FdbFactory::new(), transactional);

@@ -1,8 +1,9 @@
-//! The conformance suite against the real PostgreSQL server (`IDEM_POSTGRES_URL`).
+//! The conformance suite, lease and transactional mode, against the real PostgreSQL server
+//! (`IDEM_POSTGRES_URL`), one table per store in a schema of this run: the crate's own
+//! conformance factory, as `idem check` runs it.
 
 mod common;
 
-use common::PgFactory;
+use idem_conformance::prelude::*;
 
-idem_conformance::conformance_tests!(postgres, PgFactory::new());
-idem_conformance::transactional_tests!(postgres_tx, PgFactory::new());
+conformance_tests!(postgres, common::factory(), transactional);

@@ -7,10 +7,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::PgFactory;
 use idem_conformance::{available, StoreFactory, TxEnd, TxFactory, TxPlan};
 use idem_core::{Barrier, Clock, Error, Failure, Key, RunError, Store, TxPolicy};
-use idem_postgres::{PgOperation, PgStore};
+use idem_postgres::{PgOperation, PgOptions, PgStore};
 use sqlx::AssertSqlSafe;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -31,7 +30,10 @@ fn crash_child() {
     };
     idem_conformance::__block_on(async move {
         let pool = sqlx::PgPool::connect(&common::url()).await.unwrap();
-        let store = PgStore::with_table(pool, &format!("{schema}.records_0")).unwrap();
+        let options = PgOptions::default()
+            .with_table(&format!("{schema}.records_0"))
+            .unwrap();
+        let store = PgStore::from_pool(pool, options).unwrap();
         let insert = format!("INSERT INTO {schema}.business (scope, id, n) VALUES ('crash', 'order-1', 1), ('crash', 'order-1', 2)");
         let op: PgOperation<u64, String, String> = Box::new(move |conn| {
             Box::pin(async move {
@@ -54,7 +56,7 @@ fn crash_child() {
 #[test]
 fn sigkill_mid_transaction_leaves_nothing() {
     idem_conformance::__block_on(async {
-        let factory = PgFactory::new();
+        let factory = common::factory();
         if !available(&factory).await {
             return;
         }
@@ -67,7 +69,7 @@ fn sigkill_mid_transaction_leaves_nothing() {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(CHILD_SCHEMA, &factory.schema)
+            .env(CHILD_SCHEMA, factory.schema())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -146,7 +148,7 @@ fn plan() -> TxPlan {
 #[test]
 fn terminated_backend_is_retryable_and_nothing_duplicates() {
     idem_conformance::__block_on(async {
-        let factory = PgFactory::new();
+        let factory = common::factory();
         if !available(&factory).await {
             return;
         }
@@ -156,7 +158,7 @@ fn terminated_backend_is_retryable_and_nothing_duplicates() {
         let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
         let insert = format!(
             "INSERT INTO {}.business (scope, id, n) VALUES ('kill', 'order-2', 1)",
-            factory.schema
+            factory.schema()
         );
         let op: PgOperation<u64, String, String> = Box::new(move |conn| {
             Box::pin(async move {
@@ -233,7 +235,7 @@ fn terminated_backend_is_retryable_and_nothing_duplicates() {
 #[test]
 fn a_closed_pool_is_a_permanent_store_error() {
     idem_conformance::__block_on(async {
-        let factory = PgFactory::new();
+        let factory = common::factory();
         if !available(&factory).await {
             return;
         }

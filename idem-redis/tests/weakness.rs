@@ -1,66 +1,21 @@
 //! The documented weakness, shown honestly: a Redis without persistence forgets every record
 //! when it restarts, and the store's guarantees say so.
 
-use std::process::Stdio;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::PrivateServer;
 use idem_core::{Barrier, Failure, Key, Outcome, Store};
 use idem_redis::RedisStore;
-use tokio::process::{Child, Command};
-
-async fn start_server(port: u16) -> Option<Child> {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .ok()?;
-    let url = format!("redis://127.0.0.1:{port}/");
-    for _ in 0..100 {
-        if let Ok(client) = redis::Client::open(url.as_str()) {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-                {
-                    return Some(child);
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_without_persistence_forgets_completed_records() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let Some(mut server) = start_server(port).await else {
-        assert!(
-            !idem_conformance::required("redis"),
-            "IDEM_TEST_REQUIRE names redis but no redis-server could be started"
-        );
-        eprintln!("skipped: no redis-server binary to start a throwaway server");
+    let Some(server) = PrivateServer::start(26387, &[]).await else {
         return;
     };
-    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}/"))
-        .await
-        .unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
     let guarantees = store.guarantees();
     assert!(
         !guarantees.durable && !guarantees.survives_failover,
@@ -79,9 +34,8 @@ async fn restart_without_persistence_forgets_completed_records() {
         assert!(replay.replayed, "before the restart every key replays");
     }
 
-    server.kill().await.unwrap();
-    server.wait().await.unwrap();
-    let _server = start_server(port)
+    let _server = server
+        .restart(&[])
         .await
         .expect("restart the throwaway server");
 

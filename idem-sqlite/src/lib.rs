@@ -1,520 +1,169 @@
-#![doc = include_str!("../README.md")]
+//! The SQLite store for [idem](https://docs.rs/idem-barrier): strict, durable and
+//! transactional, in one embedded file, with no server to run.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use idem_core::{Barrier, Failure, Key, Outcome, TxPolicy};
+//! use idem_sqlite::{rusqlite, SqliteOperation, SqliteOptions, SqliteStore};
+//!
+//! # tokio::runtime::Builder::new_multi_thread().build().unwrap().block_on(async {
+//! # let dir = std::env::temp_dir().join(format!("idem-sqlite-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! let options = SqliteOptions::default().with_table("shop_idem")?;
+//! let store = SqliteStore::connect_with(dir.join("shop.db"), options).await?;
+//! store.with_connection(|c| c.execute_batch(
+//!     "CREATE TABLE IF NOT EXISTS ledger (order_id TEXT PRIMARY KEY, amount INTEGER)")).await?;
+//! let barrier = Barrier::new(Arc::new(store));
+//! let key = Key::new("shop", "order-1")?;
+//!
+//! for _attempt in 0..3 {
+//!     let op: SqliteOperation<i64, String, rusqlite::Error> = Box::new(|tx| {
+//!         tx.execute("INSERT INTO ledger VALUES ('order-1', 100)", [])
+//!             .map_err(Failure::Retryable)?;
+//!         Ok(100)
+//!     });
+//!     let r = barrier.transaction(&key, None, TxPolicy::Wait, op).await?;
+//!     assert_eq!(r.outcome, Outcome::Completed(100));
+//! }
+//! let rows: i64 = barrier.store().with_connection(|c|
+//!     c.query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0))).await?;
+//! assert_eq!(rows, 1);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+//! ```
+//!
+//! # Guarantees
+//!
+//! [`SqliteStore`] declares [`Guarantees::single_node_sql`](idem_core::Guarantees::single_node_sql)
+//! (less for `:memory:` and [`Synchronous::Normal`], see below):
+//!
+//! | guarantee | how |
+//! |---|---|
+//! | atomic claim | every write is one `BEGIN IMMEDIATE` transaction that reads the record, applies [`idem_core::backend::model`] and writes the result; SQLite has one writer per database, across threads and processes |
+//! | fenced completion | `complete`, `fail`, `extend`, `release` check the token inside that transaction; a zombie worker gets `LeaseLost` and writes nothing |
+//! | linearizable | every operation on a key is one serializable transaction |
+//! | transactional | the operation gets the claim's `&rusqlite::Transaction`; claim, business rows and outcome commit together. A permanent failure rolls the business rows back (savepoint) and commits `Failed`; a retryable error, a panic or a killed process leaves nothing. A duplicate waits for the write lock and replays ([`TxPolicy::Wait`](idem_core::TxPolicy)) or gets `InProgress` at once if the write lock is taken (`TxPolicy::NoWait`: the lock may be another key's) |
+//! | durable | WAL with `synchronous = FULL`: an acknowledged commit survives a power loss. Not with [`Synchronous::Normal`] (the store then reports `durable: false`), nor for `:memory:` |
+//! | survives failover | no: one file on one machine |
+//! | shared across processes | yes, for processes on one machine sharing the file (not over a network file system, where SQLite's locks are unreliable); not for `:memory:` |
+//!
+//! The table name is configurable ([`SqliteOptions::with_table`]): one lowercase SQL
+//! identifier, quoted in every statement. SQLite's only schemas are attached databases,
+//! which exist per connection while the store pools its own connections, so `schema.table`
+//! is refused; give the store a table or a file of its own instead.
+//!
+//! # Cancellation
+//!
+//! Any future of this crate may be dropped at any await point (a client disconnects, a
+//! `tokio::time::timeout` fires, a `select!` takes another branch). A call first waits, in
+//! FIFO order, for one of the store's connections; dropped there, it leaves nothing behind.
+//! Then it runs on tokio's blocking pool, which cannot interrupt it: it takes the store's
+//! write gate (if it writes), the transaction runs to its `COMMIT` or `ROLLBACK`, the
+//! connection goes back to the pool, and only then is the answer handed to the caller — or,
+//! if the caller is gone, to clean-up. (So a call dropped while its blocking task waits for
+//! the write gate still runs when its turn comes; at most `max_connections` calls can be in
+//! that state, since each holds a connection slot.)
+//!
+//! | call dropped | what happens | how a retry learns the outcome |
+//! |---|---|---|
+//! | `Barrier::transaction` | the transaction runs to its end without the caller: the operation (a blocking closure) finishes, and claim, business rows and outcome commit together (or roll back together on a retryable error or a panic) | a retry with `TxPolicy::Wait` waits for the write lock until that transaction ends, then replays its outcome or, if it rolled back, executes; with `TxPolicy::NoWait` it gets `InProgress` while the transaction runs. The key never executes twice, and transactional mode never leaves a claim behind |
+//! | `begin` (lease mode) | the claim's transaction commits; if it acquired the key and the caller is gone, the claim is released at once (a task spawned on the runtime), since no operation can run under a lease nobody received | the next `begin` acquires at once (a released claim is not a reclaim) or finds the outcome. If the runtime shuts down before the release runs, the claim ends with its lease |
+//! | `complete` / `fail` | the fenced write still lands | the retry replays the stored outcome |
+//! | `release` / `extend` | the write still lands | the retry acquires (`release`) or sees the extended lease |
+//! | `get`, `purge`, `stats`, `migrate`, `with_connection` | the statement runs to its end | (no state of a key changes except by `purge`, within its contract) |
+//! | lease-mode `Barrier::execute` while the operation runs | `idem-core` ends the lease: it stores the pending outcome, or releases the key | see `idem_core::Barrier::execute` |
+//!
+//! A connection goes back to the pool only outside a transaction. One that is still inside
+//! one (a rollback that failed, or an application's [`SqliteStore::with_connection`] closure
+//! that left a transaction open) is closed instead, which rolls the transaction back. A
+//! panic in an operation rolls its transaction back, closes its connection and resumes in
+//! the caller. A crash of the process rolls back every open transaction (SQLite's journal).
+//!
+//! # Errors
+//!
+//! One function classifies every rusqlite error; `tests/errors.rs` provokes each row marked
+//! *tested* against the real engine, and a unit test checks every code of the table.
+//!
+//! | failure | SQLite code | class | tested |
+//! |---|---|---|---|
+//! | another connection or process holds the write lock past the busy timeout (`BEGIN EXCLUSIVE` elsewhere), stale WAL snapshot, WAL recovery | `SQLITE_BUSY` (5) and its extended codes | retryable (503); a `TxPolicy::NoWait` claim answers `InProgress` instead | yes (a second connection holding `BEGIN EXCLUSIVE`, 50 ms busy timeout) |
+//! | the store's own writers contending | — | never an error: they wait, without a limit, for a connection and then for the store's write gate (a blocked thread is woken as soon as the gate is free; see cancellation for what a call dropped while waiting does) | yes (24 transactions queued behind a 20 ms busy timeout) |
+//! | a table lock of a shared cache (`file:…?cache=shared`) | `SQLITE_LOCKED` (6) | retryable | yes |
+//! | disk full, database at `max_page_count` | `SQLITE_FULL` (13) | retryable: space can be freed | yes (`PRAGMA max_page_count`) |
+//! | an I/O error of the operating system (a failed read, write or sync) | `SQLITE_IOERR` (10) and its extended codes | retryable; a `COMMIT` that fails this way may or may not have reached the disk, and the retry learns which (replay or execute) | yes (a write past `ulimit -f`: `SQLITE_IOERR_WRITE`) |
+//! | out of memory, interrupted, aborted, WAL lock protocol race, schema changed | `SQLITE_NOMEM` (7), `SQLITE_INTERRUPT` (9), `SQLITE_ABORT` (4), `SQLITE_PROTOCOL` (15), `SQLITE_SCHEMA` (17) | retryable | code table only |
+//! | read-only database (`?mode=ro`, `PRAGMA query_only`, a read-only file) | `SQLITE_READONLY` (8) | permanent (500); reads still work | yes (both) |
+//! | corrupt database | `SQLITE_CORRUPT` (11) | [`Error::Corrupt`](idem_core::Error::Corrupt) without a key (the damage is in the file), permanent | yes (pages overwritten) |
+//! | the file is not a SQLite database | `SQLITE_NOTADB` (26) | permanent | yes |
+//! | the path cannot be opened (missing directory, permissions) | `SQLITE_CANTOPEN` (14) | permanent | yes |
+//! | missing table, bad SQL | `SQLITE_ERROR` (1) | permanent | yes (table dropped) |
+//! | permission, authorization, constraint, too big, misuse, internal | `SQLITE_PERM`, `SQLITE_AUTH`, `SQLITE_CONSTRAINT`, `SQLITE_TOOBIG`, `SQLITE_MISUSE`, `SQLITE_INTERNAL` | permanent | code table only |
+//! | an error of rusqlite itself (conversion, parameters) outside a record | | permanent | code table only |
+//! | a stored record that does not decode (unknown state, token out of range, fingerprint of the wrong length, a column of the wrong type) | | [`Error::Corrupt`](idem_core::Error::Corrupt) naming the key, permanent | yes (`tests/bad_rows.rs`) |
+//! | the table was written by a newer schema version | | [`Error::UnknownFormat`](idem_core::Error::UnknownFormat), permanent | yes |
+//! | bad options (table name, pool size, busy timeout beyond `i32::MAX` ms), a private in-memory path | | [`Error::Config`](idem_core::Error::Config) | yes |
+//! | the transactional operation ended the transaction itself (`COMMIT`, `ROLLBACK`), or returned `Ok` after SQLite rolled it back | | permanent | yes |
+//! | no tokio runtime, or the runtime shutting down before the call ran | | [`Error::Config`](idem_core::Error::Config) / retryable | |
+//!
+//! # Options and set-up
+//!
+//! [`SqliteOptions`]: the table, the busy timeout (how long a write waits for another
+//! process's write lock; default 5 s), the pool size (default 4; writes use one connection
+//! at a time, more serve concurrent reads) and [`Synchronous`] (default `FULL`).
+//! [`SqliteStore::connect`] / [`SqliteStore::connect_with`] open the pool and migrate.
+//! [`SqliteStore::migrate`] is idempotent and safe to run from a fleet of processes at once:
+//! when the schema is complete it only reads; otherwise it runs the DDL in one
+//! `BEGIN IMMEDIATE` transaction. Switching a fresh file to WAL is retried when processes
+//! race on it. The schema version is kept per table in `idem_schema_versions`, never in
+//! `PRAGMA user_version`, which belongs to the application's own migrations.
+//!
+//! `path` may be a file, a `file:` URI (`file:idem.db?mode=ro`), or `:memory:`: an
+//! in-memory database of the store's own, which all its connections (and clones) share —
+//! a named shared-cache database kept alive by a connection the store holds, served by one
+//! connection at a time. Other in-memory or temporary paths (an empty path,
+//! `file::memory:`, `mode=memory` URIs) are refused with [`Error::Config`](idem_core::Error::Config): each pooled
+//! connection would see a private database of its own.
+//!
+//! The schema, as [`SqliteStore::migrate`] creates it for the default table (print it for
+//! another table with [`SqliteStore::schema_sql`]):
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS "idem_schema_versions" (
+//!     table_name TEXT    NOT NULL PRIMARY KEY,
+//!     version    INTEGER NOT NULL
+//! ) WITHOUT ROWID;
+//! CREATE TABLE IF NOT EXISTS "idem_records" (
+//!     scope       TEXT    NOT NULL,
+//!     id          TEXT    NOT NULL,
+//!     fingerprint BLOB,
+//!     state       TEXT    NOT NULL,
+//!     token       INTEGER NOT NULL,
+//!     lease_until INTEGER,
+//!     response    BLOB,
+//!     created_at  INTEGER NOT NULL,
+//!     updated_at  INTEGER NOT NULL,
+//!     expires_at  INTEGER NOT NULL,
+//!     PRIMARY KEY (scope, id)
+//! ) WITHOUT ROWID;
+//! CREATE INDEX IF NOT EXISTS "idem_records_expires_at" ON "idem_records" (expires_at);
+//! INSERT INTO "idem_schema_versions" (table_name, version) VALUES ('idem_records', 1)
+//!     ON CONFLICT (table_name) DO NOTHING;
+//! ```
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod error;
+mod list;
+mod options;
+mod pool;
+mod sql;
+mod store;
+mod tx;
 
-use async_trait::async_trait;
-use idem_core::{
-    model, settle, tx_claim, Begin, Deadlines, Error, Failure, Fingerprint, Guarantees, Key, Lease,
-    Record, RecordRow, Response, RunError, Stats, Store, Timestamp, TransactionalStore, TxClaim,
-    TxPolicy, TxRequest, NO_WAIT_RETRY_AFTER,
-};
+pub use options::{SqliteOptions, Synchronous, DEFAULT_TABLE};
 pub use rusqlite;
-
-use rusqlite::{
-    params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
-};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-
-/// The schema version this crate writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
-
-/// The schema, applied on open when the database is new.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS idem_records (
-    scope       TEXT    NOT NULL,
-    id          TEXT    NOT NULL,
-    fingerprint BLOB,
-    state       TEXT    NOT NULL,
-    token       INTEGER NOT NULL,
-    lease_until INTEGER,
-    response    BLOB,
-    created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL,
-    expires_at  INTEGER NOT NULL,
-    PRIMARY KEY (scope, id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
-";
-
-/// Options for [`SqliteStore::open_with`].
-#[derive(Clone, Debug)]
-pub struct SqliteOptions {
-    /// How long a writer waits for another connection's write lock before the call fails
-    /// with a retryable store error. Default 5 s.
-    pub busy_timeout: Duration,
-    /// How many connections this store keeps open. Default 4.
-    pub max_connections: usize,
-}
-
-impl Default for SqliteOptions {
-    fn default() -> Self {
-        SqliteOptions {
-            busy_timeout: Duration::from_secs(5),
-            max_connections: 4,
-        }
-    }
-}
-
-/// The operation [`SqliteStore`] runs in transactional mode: a closure that writes business
-/// rows through the claim's transaction. It runs on a blocking thread.
-pub type SqliteOperation<T, F, E> =
-    Box<dyn FnOnce(&Transaction<'_>) -> Result<T, Failure<F, E>> + Send>;
-
-/// A strict, durable, transactional idempotency store in one SQLite file.
-///
-/// Every operation is one `BEGIN IMMEDIATE` transaction that reads the record, applies
-/// [`idem_core::model`] and writes the result, so claims are atomic across threads and
-/// across processes sharing the file (WAL mode, busy timeout). Calls run on tokio's
-/// blocking pool and never block a worker thread.
-#[derive(Clone)]
-pub struct SqliteStore {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    path: PathBuf,
-    options: SqliteOptions,
-    idle: Mutex<Vec<Connection>>,
-}
-
-impl std::fmt::Debug for SqliteStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.inner.path)
-            .field("options", &self.inner.options)
-            .finish()
-    }
-}
-
-impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` with default options, and creates
-    /// or checks the schema.
-    pub async fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
-        Self::open_with(path, SqliteOptions::default()).await
-    }
-
-    /// Opens the database at `path` with `options`.
-    ///
-    /// A database written by a newer schema version is [`Error::UnknownFormat`].
-    pub async fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, Error> {
-        if options.max_connections == 0 {
-            return Err(Error::Config("max_connections must be at least 1".into()));
-        }
-        let store = SqliteStore {
-            inner: Arc::new(Inner {
-                path: path.as_ref().to_path_buf(),
-                options,
-                idle: Mutex::new(Vec::new()),
-            }),
-        };
-        store.with_conn(migrate).await?;
-        Ok(store)
-    }
-
-    /// Runs `f` with one of the store's connections on the blocking pool: for creating
-    /// business tables and reading them outside the barrier.
-    pub async fn with_connection<R, G>(&self, f: G) -> Result<R, Error>
-    where
-        R: Send + 'static,
-        G: FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
-    {
-        self.with_conn(move |conn| f(conn).map_err(db_err)).await
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    /// Runs `f` with a connection on the blocking pool.
-    async fn with_conn<R, G>(&self, f: G) -> Result<R, Error>
-    where
-        R: Send + 'static,
-        G: FnOnce(&mut Connection) -> Result<R, Error> + Send + 'static,
-    {
-        let inner = Arc::clone(&self.inner);
-        let joined = tokio::task::spawn_blocking(move || {
-            let mut conn = match inner.take() {
-                Some(conn) => conn,
-                None => inner.connect()?,
-            };
-            let result = f(&mut conn);
-            inner.put(conn);
-            result
-        })
-        .await;
-        match joined {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(Error::retryable(e)),
-        }
-    }
-
-    /// Runs `f` inside one `BEGIN IMMEDIATE` transaction and commits it.
-    async fn write<R, G>(&self, f: G) -> Result<R, Error>
-    where
-        R: Send + 'static,
-        G: FnOnce(&Transaction<'_>) -> Result<R, Error> + Send + 'static,
-    {
-        self.with_conn(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            let r = f(&tx)?;
-            tx.commit().map_err(db_err)?;
-            Ok(r)
-        })
-        .await
-    }
-
-    async fn finish(
-        &self,
-        lease: &Lease,
-        failed: bool,
-        response: &[u8],
-        expires_at: Timestamp,
-        now: Timestamp,
-    ) -> Result<(), Error> {
-        let lease = lease.clone();
-        let response = response.to_vec();
-        self.write(move |tx| {
-            let rec = read(tx, &lease.key)?;
-            let next = model::finish(rec.as_ref(), &lease, failed, &response, expires_at, now)?;
-            upsert(tx, &next)
-        })
-        .await
-    }
-}
-
-impl Inner {
-    fn take(&self) -> Option<Connection> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
-    }
-
-    fn put(&self, conn: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.options.max_connections {
-            idle.push(conn);
-        }
-    }
-
-    fn connect(&self) -> Result<Connection, Error> {
-        let conn = Connection::open(&self.path).map_err(db_err)?;
-        conn.busy_timeout(self.options.busy_timeout)
-            .map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(db_err)?;
-        Ok(conn)
-    }
-}
-
-fn migrate(conn: &mut Connection) -> Result<(), Error> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_err)?;
-    let version: i64 = tx
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(db_err)?;
-    if version > SCHEMA_VERSION {
-        return Err(Error::UnknownFormat {
-            format: format!("SQLite schema version {version} (this build knows {SCHEMA_VERSION})"),
-        });
-    }
-    tx.execute_batch(SCHEMA).map_err(db_err)?;
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(db_err)?;
-    tx.commit().map_err(db_err)
-}
-
-/// Maps a SQLite error: lock contention is retryable, everything else is not.
-fn db_err(e: rusqlite::Error) -> Error {
-    let retryable = matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-    );
-    Error::Store {
-        retryable,
-        source: Box::new(e),
-    }
-}
-
-fn is_busy(e: &rusqlite::Error) -> bool {
-    e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
-}
-
-const SELECT: &str =
-    "SELECT fingerprint, state, token, lease_until, response, created_at, updated_at, expires_at
-     FROM idem_records WHERE scope = ?1 AND id = ?2";
-
-fn read(tx: &Connection, key: &Key) -> Result<Option<Record>, Error> {
-    tx.query_row(SELECT, params![key.scope(), key.id()], |r| {
-        Ok(RecordRow {
-            fingerprint: r.get(0)?,
-            state: r.get(1)?,
-            token: r.get(2)?,
-            lease_until: r.get(3)?,
-            response: r.get(4)?,
-            created_at: r.get(5)?,
-            updated_at: r.get(6)?,
-            expires_at: r.get(7)?,
-        })
-    })
-    .optional()
-    .map_err(db_err)?
-    .map(|row| row.into_record(key))
-    .transpose()
-}
-
-fn upsert(tx: &Connection, rec: &Record) -> Result<(), Error> {
-    let row = RecordRow::from_record(rec)?;
-    tx.execute(
-        "INSERT INTO idem_records (scope, id, fingerprint, state, token, lease_until, response,
-                                   created_at, updated_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-         ON CONFLICT (scope, id) DO UPDATE SET
-            fingerprint = excluded.fingerprint, state = excluded.state, token = excluded.token,
-            lease_until = excluded.lease_until, response = excluded.response,
-            updated_at = excluded.updated_at, expires_at = excluded.expires_at",
-        params![
-            rec.key.scope(),
-            rec.key.id(),
-            row.fingerprint,
-            row.state,
-            row.token,
-            row.lease_until,
-            row.response,
-            row.created_at,
-            row.updated_at,
-            row.expires_at,
-        ],
-    )
-    .map_err(db_err)?;
-    Ok(())
-}
-
-#[async_trait]
-impl Store for SqliteStore {
-    fn guarantees(&self) -> Guarantees {
-        Guarantees::single_node_sql()
-    }
-
-    async fn begin(
-        &self,
-        key: &Key,
-        fingerprint: Option<&Fingerprint>,
-        deadlines: Deadlines,
-        now: Timestamp,
-    ) -> Result<Begin, Error> {
-        let key = key.clone();
-        let fingerprint = fingerprint.copied();
-        self.write(move |tx| {
-            let rec = read(tx, &key)?;
-            let (answer, next) =
-                model::begin(rec.as_ref(), &key, fingerprint.as_ref(), deadlines, now);
-            if let Some(next) = next {
-                upsert(tx, &next)?;
-            }
-            Ok(answer)
-        })
-        .await
-    }
-
-    async fn complete(
-        &self,
-        lease: &Lease,
-        response: &[u8],
-        expires_at: Timestamp,
-        now: Timestamp,
-    ) -> Result<(), Error> {
-        self.finish(lease, false, response, expires_at, now).await
-    }
-
-    async fn fail(
-        &self,
-        lease: &Lease,
-        response: &[u8],
-        expires_at: Timestamp,
-        now: Timestamp,
-    ) -> Result<(), Error> {
-        self.finish(lease, true, response, expires_at, now).await
-    }
-
-    async fn extend(
-        &self,
-        lease: &Lease,
-        deadlines: Deadlines,
-        now: Timestamp,
-    ) -> Result<Lease, Error> {
-        let lease = lease.clone();
-        self.write(move |tx| {
-            let rec = read(tx, &lease.key)?;
-            let (lease, next) = model::extend(rec.as_ref(), &lease, deadlines, now)?;
-            upsert(tx, &next)?;
-            Ok(lease)
-        })
-        .await
-    }
-
-    async fn release(&self, lease: &Lease, now: Timestamp) -> Result<(), Error> {
-        let lease = lease.clone();
-        self.write(move |tx| {
-            let rec = read(tx, &lease.key)?;
-            upsert(tx, &model::release(rec.as_ref(), &lease, now)?)
-        })
-        .await
-    }
-
-    async fn get(&self, key: &Key) -> Result<Option<Record>, Error> {
-        let key = key.clone();
-        self.with_conn(move |conn| read(conn, &key)).await
-    }
-
-    async fn purge(&self, now: Timestamp, batch: usize) -> Result<u64, Error> {
-        let batch = i64::try_from(batch).unwrap_or(i64::MAX);
-        self.write(move |tx| {
-            let n = tx
-                .execute(
-                    "DELETE FROM idem_records WHERE (scope, id) IN
-                        (SELECT scope, id FROM idem_records WHERE expires_at <= ?1 LIMIT ?2)",
-                    params![now.as_millis(), batch],
-                )
-                .map_err(db_err)?;
-            Ok(n as u64)
-        })
-        .await
-    }
-
-    async fn stats(&self) -> Result<Stats, Error> {
-        self.with_conn(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT state, COUNT(*) FROM idem_records GROUP BY state")
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                .map_err(db_err)?;
-            let mut stats = Stats::default();
-            for row in rows {
-                let (state, n) = row.map_err(db_err)?;
-                stats.add(&state, n.max(0) as u64)?;
-            }
-            Ok(stats)
-        })
-        .await
-    }
-}
-
-impl TransactionalStore for SqliteStore {
-    type Operation<T, F, E> = SqliteOperation<T, F, E>;
-
-    /// Runs the operation in the claim's `BEGIN IMMEDIATE` transaction.
-    ///
-    /// SQLite has one writer at a time, so a concurrent duplicate cannot see the first
-    /// one's claim: with [`TxPolicy::Wait`] it waits on the write lock (up to the busy
-    /// timeout) and then replays; with [`TxPolicy::NoWait`] a held write lock, which may be
-    /// another key's, answers `InProgress` at once. The transaction runs on a blocking
-    /// thread: once started it finishes (and stores its outcome) even if the caller stops
-    /// waiting; a crash of the process rolls it back.
-    async fn transact<T, F, E>(
-        &self,
-        request: TxRequest<'_>,
-        op: SqliteOperation<T, F, E>,
-    ) -> Result<Response<T, F>, RunError<E>>
-    where
-        T: Serialize + DeserializeOwned + Send + 'static,
-        F: Serialize + DeserializeOwned + Send + 'static,
-        E: Send + 'static,
-    {
-        let key = request.key.clone();
-        let busy_timeout = self.inner.options.busy_timeout;
-        let TxRequest {
-            fingerprint,
-            deadlines,
-            expires_at,
-            now,
-            policy,
-            ..
-        } = request;
-        let result = self
-            .with_conn(move |conn| {
-                if policy == TxPolicy::NoWait {
-                    conn.busy_timeout(Duration::ZERO).map_err(db_err)?;
-                }
-                let no_wait = policy == TxPolicy::NoWait;
-                let tx = match Transaction::new_unchecked(conn, TransactionBehavior::Immediate) {
-                    Ok(tx) => tx,
-                    Err(e) => {
-                        if no_wait {
-                            conn.busy_timeout(busy_timeout).map_err(db_err)?;
-                            if is_busy(&e) {
-                                return Ok(Err(RunError::Barrier(Error::InProgress {
-                                    retry_after: NO_WAIT_RETRY_AFTER,
-                                })));
-                            }
-                        }
-                        return Err(db_err(e));
-                    }
-                };
-                if no_wait {
-                    tx.busy_timeout(busy_timeout).map_err(db_err)?;
-                }
-                Ok(
-                    run_in_tx(&tx, &key, fingerprint, deadlines, expires_at, now, op).and_then(
-                        |response| {
-                            tx.commit().map_err(db_err)?;
-                            Ok(response)
-                        },
-                    ),
-                )
-            })
-            .await;
-        result.map_err(RunError::Barrier).and_then(|r| r)
-    }
-}
-
-/// The transactional-mode steps inside an open transaction; any `Err` rolls it back.
-fn run_in_tx<T, F, E>(
-    tx: &Transaction<'_>,
-    key: &Key,
-    fingerprint: Option<Fingerprint>,
-    deadlines: Deadlines,
-    expires_at: Timestamp,
-    now: Timestamp,
-    op: SqliteOperation<T, F, E>,
-) -> Result<Response<T, F>, RunError<E>>
-where
-    T: Serialize + DeserializeOwned,
-    F: Serialize + DeserializeOwned,
-{
-    let rec = read(tx, key)?;
-    let (answer, claimed) = model::begin(rec.as_ref(), key, fingerprint.as_ref(), deadlines, now);
-    let lease = match tx_claim(answer, now)? {
-        TxClaim::Acquired(lease) => lease,
-        TxClaim::Replay(response) => return Ok(response),
-    };
-    tx.execute_batch("SAVEPOINT idem_operation")
-        .map_err(db_err)?;
-    let settled = settle(op(tx))?;
-    let undo = if settled.failed {
-        "ROLLBACK TO idem_operation; "
-    } else {
-        ""
-    };
-    tx.execute_batch(&format!("{undo}RELEASE idem_operation"))
-        .map_err(db_err)?;
-    let done = model::finish(
-        claimed.as_ref(),
-        &lease,
-        settled.failed,
-        &settled.bytes,
-        expires_at,
-        now,
-    )?;
-    upsert(tx, &done)?;
-    Ok(settled.into_response())
-}
+pub use sql::SCHEMA_VERSION;
+pub use store::SqliteStore;
+pub use tx::{operation, SqliteOperation};
