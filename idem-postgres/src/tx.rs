@@ -139,12 +139,18 @@ impl Drop for Session {
     }
 }
 
-/// What the claim of a transaction found.
-enum Claimed<T, F> {
-    /// The key is ours, in this transaction.
-    Acquired(Lease),
-    /// The request ends here: a replay.
-    Answered(Response<T, F>),
+/// A transactional request's answer.
+type Answer<T, F, E> = Result<Response<T, F>, RunError<E>>;
+
+/// Rolls `tx` back, marks the session out of its transaction, and gives `answer`.
+async fn rolled_back<T, F, E>(
+    tx: Transaction<'_, Postgres>,
+    open: &mut bool,
+    answer: Answer<T, F, E>,
+) -> Answer<T, F, E> {
+    tx.rollback().await.map_err(map_err)?;
+    *open = false;
+    answer
 }
 
 impl PgStore {
@@ -164,17 +170,8 @@ impl PgStore {
         session.open = true;
         let mut tx = begin(&mut session.conn, request.no_wait).await?;
         let lease = match self.claim_in(&mut tx, &request).await {
-            Ok(Claimed::Acquired(lease)) => lease,
-            Ok(Claimed::Answered(response)) => {
-                tx.rollback().await.map_err(map_err)?;
-                session.open = false;
-                return Ok(response);
-            }
-            Err(refused) => {
-                tx.rollback().await.map_err(map_err)?;
-                session.open = false;
-                return Err(refused);
-            }
+            Ok(lease) => lease,
+            Err(answer) => return rolled_back(tx, &mut session.open, answer).await,
         };
         let result = match AssertUnwindSafe(op(&mut tx)).catch_unwind().await {
             Ok(result) => result,
@@ -189,28 +186,15 @@ impl PgStore {
         };
         let settled = match settle(result) {
             Ok(settled) => settled,
-            Err(retryable) => {
-                tx.rollback().await.map_err(map_err)?;
-                session.open = false;
-                return Err(retryable);
-            }
+            Err(retryable) => return rolled_back(tx, &mut session.open, Err(retryable)).await,
         };
         let lease = if settled.failed {
             // Roll the business writes back and record `Failed` in a fresh transaction.
             tx.rollback().await.map_err(map_err)?;
             tx = begin(&mut session.conn, request.no_wait).await?;
             match self.claim_in(&mut tx, &request).await {
-                Ok(Claimed::Acquired(lease)) => lease,
-                Ok(Claimed::Answered(response)) => {
-                    tx.rollback().await.map_err(map_err)?;
-                    session.open = false;
-                    return Ok(response);
-                }
-                Err(refused) => {
-                    tx.rollback().await.map_err(map_err)?;
-                    session.open = false;
-                    return Err(refused);
-                }
+                Ok(lease) => lease,
+                Err(answer) => return rolled_back(tx, &mut session.open, answer).await,
             }
         } else {
             lease
@@ -229,12 +213,13 @@ impl PgStore {
         Ok(settled.into_response())
     }
 
-    /// Claims the request's key inside `tx` (opened by [`begin`]).
+    /// Claims the request's key inside `tx` (opened by [`begin`]): the lease, or the
+    /// request's answer (a replay or a refusal) if it ends here.
     async fn claim_in<T, F, E>(
         &self,
         tx: &mut PgConnection,
         request: &Request,
-    ) -> Result<Claimed<T, F>, RunError<E>>
+    ) -> Result<Lease, Answer<T, F, E>>
     where
         T: DeserializeOwned,
         F: DeserializeOwned,
@@ -269,17 +254,17 @@ impl PgStore {
                     sqlx::raw_sql(RESET_LOCK_TIMEOUT)
                         .execute(&mut *tx)
                         .await
-                        .map_err(map_err)?;
+                        .map_err(|e| Err(map_err(e).into()))?;
                 }
-                Ok(Claimed::Acquired(lease))
+                Ok(lease)
             }
-            Ok(Ok(Step::Replay(replay))) => Ok(Claimed::Answered(replay.decode()?)),
-            Ok(Err(refused)) => Err(refused.into()),
-            Err(e) if request.no_wait && is_lock_timeout(&e) => Err(Error::InProgress {
+            Ok(Ok(Step::Replay(replay))) => Err(replay.decode().map_err(RunError::from)),
+            Ok(Err(refused)) => Err(Err(refused.into())),
+            Err(e) if request.no_wait && is_lock_timeout(&e) => Err(Err(Error::InProgress {
                 retry_after: NO_WAIT_RETRY_AFTER,
             }
-            .into()),
-            Err(e) => Err(e.into()),
+            .into())),
+            Err(e) => Err(Err(e.into())),
         }
     }
 }

@@ -3,10 +3,10 @@
 use idem::postgres::sqlx::postgres::PgQueryResult;
 use idem::postgres::sqlx::{self, PgPool, Postgres};
 use idem::postgres::{PgOperation, PgOptions, PgStore};
-use idem::{Error, Failure};
+use idem::Error;
 
-use super::sql::SqlBench;
-use super::sqlx_calls::{SqlxCalls, Statements};
+use super::sql::{Business, SqlBench};
+use super::sqlx_calls::{insert_on, SqlxCalls, Statements};
 use super::Call;
 
 pub struct PgBench {
@@ -70,33 +70,12 @@ impl SqlBench for PgBench {
         &self.store
     }
 
-    fn insert(&self, k: String) -> Call {
-        self.calls.insert(k)
-    }
-
-    fn insert_in_transaction(&self, k: String) -> Call {
-        self.calls.insert_in_transaction(k)
-    }
-
-    fn handrolled(&self, k: String) -> Call {
-        self.calls.handrolled(k)
-    }
-
-    fn select(&self, k: String) -> Call {
-        self.calls.select(k)
+    fn business(&self) -> &dyn Business {
+        &self.calls
     }
 
     fn operation(k: String) -> PgOperation<i64, String, String> {
-        Box::new(move |conn| {
-            Box::pin(async move {
-                sqlx::query(INSERT)
-                    .bind(k)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| Failure::Retryable(e.to_string()))?;
-                Ok(100)
-            })
-        })
+        Box::new(move |conn| insert_on::<Postgres>(conn, INSERT, k))
     }
 
     fn prefill(&self, records: u64) -> Call {

@@ -23,14 +23,8 @@ use super::measure::{lease_pairs, measure, replays};
 use super::report::Comparison;
 use super::{Call, Measured, Suite};
 
-/// A SQL store's benchmark: its business statements beside its transactional store.
-pub trait SqlBench: Send + Sync + 'static {
-    /// The store under test.
-    type Store: TransactionalStore + Clone + Send + Sync + 'static;
-    /// The backend's name in the output.
-    const BACKEND: &'static str;
-    /// The store, on the tables `setup` created.
-    fn store(&self) -> &Self::Store;
+/// The business calls of a SQL benchmark, without the barrier.
+pub trait Business: Send + Sync {
     /// The bare business insert of row `k`.
     fn insert(&self, k: String) -> Call;
     /// The same insert in an explicit transaction.
@@ -39,6 +33,18 @@ pub trait SqlBench: Send + Sync + 'static {
     fn handrolled(&self, k: String) -> Call;
     /// A primary-key SELECT of row `k`.
     fn select(&self, k: String) -> Call;
+}
+
+/// A SQL store's benchmark: its business statements beside its transactional store.
+pub trait SqlBench: Send + Sync + 'static {
+    /// The store under test.
+    type Store: TransactionalStore + Clone + Send + Sync + 'static;
+    /// The backend's name in the output.
+    const BACKEND: &'static str;
+    /// The store, on the tables `setup` created.
+    fn store(&self) -> &Self::Store;
+    /// The business calls the barrier is compared with.
+    fn business(&self) -> &dyn Business;
     /// The business insert of row `k` as the store's transactional operation.
     fn operation(k: String) -> <Self::Store as TransactionalStore>::Operation<i64, String, String>;
     /// Empties the store and business tables, then stores `records` completed records.
@@ -142,14 +148,14 @@ impl<B: SqlBench> SqlSuite<B> {
         name: &'static str,
         clients: usize,
         seconds: f64,
-        call: fn(&B, String) -> Call,
+        call: fn(&dyn Business, String) -> Call,
     ) -> Result<Measured, Error> {
         let (b, round) = (
             Arc::clone(&self.bench),
             self.round.fetch_add(1, Ordering::Relaxed),
         );
         measure(clients, seconds, move |c, n| {
-            call(&b, format!("{name}-{round}-{c}-{n}"))
+            call(b.business(), format!("{name}-{round}-{c}-{n}"))
         })
         .await
     }
@@ -181,12 +187,18 @@ impl<B: SqlBench> Suite for SqlSuite<B> {
     ) -> Result<Measured, Error> {
         let round = self.round.fetch_add(1, Ordering::Relaxed);
         match workload {
-            "insert" => self.fresh(workload, clients, seconds, B::insert).await,
-            "insert-own-txn" => {
-                self.fresh(workload, clients, seconds, B::insert_in_transaction)
+            "insert" => {
+                self.fresh(workload, clients, seconds, |b, k| b.insert(k))
                     .await
             }
-            "handrolled" => self.fresh(workload, clients, seconds, B::handrolled).await,
+            "insert-own-txn" => {
+                let call = |b: &dyn Business, k| b.insert_in_transaction(k);
+                self.fresh(workload, clients, seconds, call).await
+            }
+            "handrolled" => {
+                self.fresh(workload, clients, seconds, |b, k| b.handrolled(k))
+                    .await
+            }
             "barrier-tx" => {
                 let barrier = self.barrier.clone();
                 measure(clients, seconds, move |c, n| {
@@ -210,7 +222,8 @@ impl<B: SqlBench> Suite for SqlSuite<B> {
                 self.replay_keys().await?;
                 let b = Arc::clone(&self.bench);
                 measure(clients, seconds, move |c, n| {
-                    b.select(format!("replay-k{}", (c * 31 + n as usize) % REPLAY_KEYS))
+                    b.business()
+                        .select(format!("replay-k{}", (c * 31 + n as usize) % REPLAY_KEYS))
                 })
                 .await
             }

@@ -11,7 +11,7 @@ use idem::sqlite::{rusqlite, SqliteOperation, SqliteOptions, SqliteStore};
 use idem::{Error, Failure};
 use rusqlite::{Connection, OptionalExtension};
 
-use super::sql::SqlBench;
+use super::sql::{Business, SqlBench};
 use super::Call;
 
 pub struct SqliteBench {
@@ -78,14 +78,7 @@ async fn blocking<R: Send + 'static>(
         .map_err(Error::retryable)
 }
 
-impl SqlBench for SqliteBench {
-    type Store = SqliteStore;
-    const BACKEND: &'static str = "sqlite";
-
-    fn store(&self) -> &SqliteStore {
-        &self.store
-    }
-
+impl Business for SqliteBench {
     fn insert(&self, k: String) -> Call {
         Box::pin(self.plain(move |conn| conn.execute(INSERT, [k]).map(drop)))
     }
@@ -126,6 +119,19 @@ impl SqlBench for SqliteBench {
                 .optional()
                 .map(drop)
         }))
+    }
+}
+
+impl SqlBench for SqliteBench {
+    type Store = SqliteStore;
+    const BACKEND: &'static str = "sqlite";
+
+    fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    fn business(&self) -> &dyn Business {
+        self
     }
 
     fn operation(k: String) -> SqliteOperation<i64, String, String> {

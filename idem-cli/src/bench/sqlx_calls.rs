@@ -1,9 +1,11 @@
 //! The business calls of the sqlx-backed benchmarks (PostgreSQL, MySQL): one
 //! implementation, each dialect's statements passed in.
 
-use idem::Error;
+use futures::future::BoxFuture;
+use idem::{Error, Failure};
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Type};
 
+use super::sql::Business;
 use super::Call;
 
 /// One dialect's business statements.
@@ -26,7 +28,7 @@ pub struct SqlxCalls<DB: Database> {
     pub sql: &'static Statements<DB>,
 }
 
-impl<DB> SqlxCalls<DB>
+impl<DB> Business for SqlxCalls<DB>
 where
     DB: Database,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -35,7 +37,7 @@ where
     for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
 {
     /// The bare business insert of row `k`.
-    pub fn insert(&self, k: String) -> Call {
+    fn insert(&self, k: String) -> Call {
         let (pool, sql) = (self.pool.clone(), self.sql);
         Box::pin(async move {
             sqlx::query(sql.insert)
@@ -48,7 +50,7 @@ where
     }
 
     /// The same insert in an explicit transaction.
-    pub fn insert_in_transaction(&self, k: String) -> Call {
+    fn insert_in_transaction(&self, k: String) -> Call {
         let (pool, sql) = (self.pool.clone(), self.sql);
         Box::pin(async move {
             let mut tx = pool.begin().await.map_err(Error::retryable)?;
@@ -63,7 +65,7 @@ where
 
     /// The hand-rolled pattern around the insert, in one transaction: the idempotency
     /// row, the business row, the saved response.
-    pub fn handrolled(&self, k: String) -> Call {
+    fn handrolled(&self, k: String) -> Call {
         let (pool, sql) = (self.pool.clone(), self.sql);
         Box::pin(async move {
             let mut tx = pool.begin().await.map_err(Error::retryable)?;
@@ -91,7 +93,7 @@ where
     }
 
     /// A primary-key SELECT of row `k`.
-    pub fn select(&self, k: String) -> Call {
+    fn select(&self, k: String) -> Call {
         let (pool, sql) = (self.pool.clone(), self.sql);
         Box::pin(async move {
             sqlx::query(sql.select)
@@ -102,4 +104,27 @@ where
                 .map(drop)
         })
     }
+}
+
+/// The business insert of row `k` through the store's transaction `conn`: the barrier's
+/// transactional operation.
+pub fn insert_on<'c, DB>(
+    conn: &'c mut DB::Connection,
+    sql: &'static str,
+    k: String,
+) -> BoxFuture<'c, Result<i64, Failure<String, String>>>
+where
+    DB: Database,
+    for<'e> &'e mut DB::Connection: Executor<'e, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+{
+    Box::pin(async move {
+        sqlx::query(sql)
+            .bind(k)
+            .execute(conn)
+            .await
+            .map_err(|e| Failure::Retryable(e.to_string()))?;
+        Ok(100)
+    })
 }

@@ -10,7 +10,7 @@ use idem::etcd::etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOpti
 use idem::etcd::{EtcdOptions, EtcdStore};
 use idem::{DynStore, Error, Fingerprint, Key, ManualClock};
 
-use super::{lab_key, tally_rows, LabBackend, Leg, Tally, TxAnswer, TxPayment};
+use super::{lab_key, tally_rows, LabBackend, Ledger, Leg, Tally, TxAnswer, TxPayment};
 
 const PREFIX: &str = "idem-lab/";
 /// Keys one page of the ledger scan reads.
@@ -32,7 +32,7 @@ impl EtcdLab {
         self.store.client().clone()
     }
 
-    fn ledger(strategy: &str) -> String {
+    fn ledger_prefix(strategy: &str) -> String {
         format!("{PREFIX}ledger/{strategy}/")
     }
 }
@@ -43,15 +43,7 @@ fn millis(ms: i64) -> String {
 }
 
 #[async_trait]
-impl LabBackend for EtcdLab {
-    fn name(&self) -> &'static str {
-        "etcd"
-    }
-
-    fn store(&self) -> DynStore {
-        Arc::new(self.store.clone())
-    }
-
+impl Ledger for EtcdLab {
     async fn reset(&self) -> Result<(), Error> {
         self.client()
             .delete(PREFIX, Some(DeleteOptions::new().with_prefix()))
@@ -70,7 +62,7 @@ impl LabBackend for EtcdLab {
     ) -> Result<(), Error> {
         let row = format!(
             "{}{payment}/{}/{:016x}",
-            Self::ledger(strategy),
+            Self::ledger_prefix(strategy),
             leg.name(),
             rand::random::<u64>()
         );
@@ -128,7 +120,7 @@ impl LabBackend for EtcdLab {
     }
 
     async fn tally(&self, strategy: &str) -> Result<Vec<Tally>, Error> {
-        let prefix = Self::ledger(strategy);
+        let prefix = Self::ledger_prefix(strategy);
         let mut client = self.client();
         let mut keys = Vec::new();
         let mut from = prefix.clone().into_bytes();
@@ -167,6 +159,21 @@ impl LabBackend for EtcdLab {
             )
         });
         Ok(tally_rows(rows))
+    }
+}
+
+#[async_trait]
+impl LabBackend for EtcdLab {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn store(&self) -> DynStore {
+        Arc::new(self.store.clone())
+    }
+
+    fn ledger(&self) -> &dyn Ledger {
+        self
     }
 
     async fn transactional(

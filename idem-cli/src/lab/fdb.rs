@@ -10,7 +10,7 @@ use idem::fdb::foundationdb::{Database, RangeOption, RetryableTransaction};
 use idem::fdb::{start_network, FdbOperation, FdbOptions, FdbStore};
 use idem::{Barrier, DynStore, Error, Failure, Fingerprint, Key, ManualClock, TxPolicy};
 
-use super::{tally_rows, LabBackend, Leg, Tally, TxAnswer, TxPayment, WORKER_DIED};
+use super::{tally_rows, LabBackend, Ledger, Leg, Tally, TxAnswer, TxPayment, WORKER_DIED};
 
 pub struct FdbLab {
     db: Arc<Database>,
@@ -52,15 +52,7 @@ impl FdbLab {
 }
 
 #[async_trait]
-impl LabBackend for FdbLab {
-    fn name(&self) -> &'static str {
-        "fdb"
-    }
-
-    fn store(&self) -> DynStore {
-        Arc::new(self.store.clone())
-    }
-
+impl Ledger for FdbLab {
     async fn reset(&self) -> Result<(), Error> {
         let (lab, records) = (self.space.range(), self.store.subspace().range());
         self.db
@@ -185,6 +177,21 @@ impl LabBackend for FdbLab {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(tally_rows(rows))
+    }
+}
+
+#[async_trait]
+impl LabBackend for FdbLab {
+    fn name(&self) -> &'static str {
+        "fdb"
+    }
+
+    fn store(&self) -> DynStore {
+        Arc::new(self.store.clone())
+    }
+
+    fn ledger(&self) -> &dyn Ledger {
+        self
     }
 
     async fn transactional(

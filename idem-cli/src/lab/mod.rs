@@ -100,7 +100,7 @@ pub async fn run(target: &Target, config: &LabConfig, json: bool) -> Result<bool
     let backend = open(target).await?;
     let mut reports = Vec::new();
     for strategy in Strategy::ALL {
-        backend.reset().await?;
+        backend.ledger().reset().await?;
         reports.push(run_strategy(Arc::clone(&backend), strategy, config, json).await?);
     }
     if json {
@@ -189,13 +189,10 @@ pub const WORKER_DIED: &str = "worker died before commit";
 
 pub type TxAnswer = Result<Response<i64, String>, RunError<String>>;
 
+/// Where a lab keeps the business side: the ledger, and the naive strategies' keys.
 #[async_trait]
-pub trait LabBackend: Send + Sync {
-    /// The backend's name in the report.
-    fn name(&self) -> &'static str;
-    /// The barrier's store (lease mode).
-    fn store(&self) -> DynStore;
-    /// Clears everything the lab wrote before.
+pub trait Ledger: Send + Sync {
+    /// Clears everything the lab wrote before, the store's records included.
     async fn reset(&self) -> Result<(), Error>;
     /// Writes one ledger row; with `dedup`, a second row with the same dedup key is ignored
     /// (how a downstream system deduplicates on an idempotency key).
@@ -221,6 +218,17 @@ pub trait LabBackend: Send + Sync {
     ) -> Result<bool, Error>;
     /// The ledger, per payment.
     async fn tally(&self, strategy: &str) -> Result<Vec<Tally>, Error>;
+}
+
+/// A backend the lab runs on: its store, its ledger, its transactional barrier.
+#[async_trait]
+pub trait LabBackend: Send + Sync {
+    /// The backend's name in the report.
+    fn name(&self) -> &'static str;
+    /// The barrier's store (lease mode).
+    fn store(&self) -> DynStore;
+    /// The ledger and the naive strategies' keys.
+    fn ledger(&self) -> &dyn Ledger;
     /// The transactional barrier; `None` if the backend has none (its store does not
     /// declare `transactional`).
     async fn transactional(
@@ -417,6 +425,7 @@ impl Run {
         self.executions.fetch_add(1, Ordering::Relaxed);
         let tag = self.strategy.tag();
         self.backend
+            .ledger()
             .insert(tag, payment, Leg::Debit, amount, dedup.map(|d| d.0.id()))
             .await?;
         tokio::time::sleep(self.latency).await;
@@ -424,6 +433,7 @@ impl Run {
             return Ok(false);
         }
         self.backend
+            .ledger()
             .insert(tag, payment, Leg::Credit, amount, dedup.map(|d| d.1.id()))
             .await?;
         Ok(true)
@@ -440,7 +450,7 @@ impl Run {
         };
         match self.strategy {
             Strategy::CheckThenInsert => {
-                match self.backend.naive_seen(tag, &p.payment).await {
+                match self.backend.ledger().naive_seen(tag, &p.payment).await {
                     Ok(true) => return Answer::Replayed,
                     Ok(false) => {}
                     Err(e) => return Answer::of(&e),
@@ -449,13 +459,18 @@ impl Run {
                     return a;
                 }
                 Answer::of_result(
-                    self.backend.naive_mark(tag, &p.payment).await,
+                    self.backend.ledger().naive_mark(tag, &p.payment).await,
                     Answer::Executed,
                 )
             }
             Strategy::TtlCache => {
                 let now = self.clock.now().as_millis();
-                match self.backend.ttl_claim(tag, &p.payment, now, TTL).await {
+                match self
+                    .backend
+                    .ledger()
+                    .ttl_claim(tag, &p.payment, now, TTL)
+                    .await
+                {
                     Ok(false) => return Answer::Replayed,
                     Ok(true) => {}
                     Err(e) => return Answer::of(&e),
@@ -641,7 +656,7 @@ async fn run_strategy(
     // Every planned delivery ticked the bar: it ends full, and stays on screen at 100%.
     pb.finish();
     let seconds = started.elapsed().as_secs_f64();
-    let tally = backend.tally(strategy.tag()).await?;
+    let tally = backend.ledger().tally(strategy.tag()).await?;
     Ok(StrategyReport::judge(
         &run,
         &planned,

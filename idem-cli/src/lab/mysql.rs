@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use idem::mysql::sqlx::mysql::MySqlQueryResult;
 use idem::mysql::sqlx::{self, MySql};
 use idem::mysql::{MySqlOperation, MySqlOptions, MySqlStore};
 use idem::{Barrier, DynStore, Error, Fingerprint, Key, ManualClock, TxPolicy};
 
 use super::sql::{transact_legs, SqlLedger, Statements};
-use super::{lab_key, LabBackend, Leg, Tally, TxAnswer, TxPayment};
+use super::{LabBackend, Ledger, TxAnswer, TxPayment};
 
 pub struct MySqlLab {
     store: MySqlStore,
@@ -53,6 +54,8 @@ impl MySqlLab {
             insert: INSERT,
             naive_seen: "SELECT COUNT(*) FROM idem_lab_naive_keys WHERE k = ?",
             naive_mark: "INSERT INTO idem_lab_naive_keys (k) VALUES (?) ON DUPLICATE KEY UPDATE k = k",
+            ttl_claim: TTL_CLAIM,
+            claimed: |done: &MySqlQueryResult| done.last_insert_id() != 1,
             tally: "SELECT payment, CAST(SUM(leg = 'debit') AS SIGNED), CAST(SUM(leg = 'credit') AS SIGNED)
                       FROM idem_lab_ledger WHERE strategy = ? GROUP BY payment",
         };
@@ -76,52 +79,8 @@ impl LabBackend for MySqlLab {
         Arc::new(self.store.clone())
     }
 
-    async fn reset(&self) -> Result<(), Error> {
-        self.ledger.reset().await
-    }
-
-    async fn insert(
-        &self,
-        strategy: &str,
-        payment: &str,
-        leg: Leg,
-        amount: i64,
-        dedup: Option<&str>,
-    ) -> Result<(), Error> {
-        self.ledger
-            .insert((strategy, payment, leg, amount, dedup))
-            .await
-    }
-
-    async fn naive_seen(&self, strategy: &str, key: &str) -> Result<bool, Error> {
-        self.ledger.naive_seen(strategy, key).await
-    }
-
-    async fn naive_mark(&self, strategy: &str, key: &str) -> Result<(), Error> {
-        self.ledger.naive_mark(strategy, key).await
-    }
-
-    async fn ttl_claim(
-        &self,
-        strategy: &str,
-        key: &str,
-        now_ms: i64,
-        ttl: Duration,
-    ) -> Result<bool, Error> {
-        let until = now_ms + ttl.as_millis() as i64;
-        let done = sqlx::query(TTL_CLAIM)
-            .bind(lab_key(strategy, key))
-            .bind(until)
-            .bind(now_ms)
-            .bind(until)
-            .execute(&self.ledger.pool)
-            .await
-            .map_err(Error::retryable)?;
-        Ok(done.last_insert_id() != 1)
-    }
-
-    async fn tally(&self, strategy: &str) -> Result<Vec<Tally>, Error> {
-        self.ledger.tally(strategy).await
+    fn ledger(&self) -> &dyn Ledger {
+        &self.ledger
     }
 
     async fn transactional(

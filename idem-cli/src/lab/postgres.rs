@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use idem::postgres::sqlx::postgres::PgQueryResult;
 use idem::postgres::sqlx::{self, Postgres};
 use idem::postgres::{PgOperation, PgOptions, PgStore};
 use idem::{Barrier, DynStore, Error, Fingerprint, Key, ManualClock, TxPolicy};
 
 use super::sql::{transact_legs, SqlLedger, Statements};
-use super::{lab_key, LabBackend, Leg, Tally, TxAnswer, TxPayment};
+use super::{LabBackend, Ledger, TxAnswer, TxPayment};
 
 pub struct PgLab {
     store: PgStore,
@@ -48,6 +49,9 @@ impl PgLab {
             insert: INSERT,
             naive_seen: "SELECT COUNT(*) FROM idem_lab.naive_keys WHERE k = $1",
             naive_mark: "INSERT INTO idem_lab.naive_keys (k) VALUES ($1) ON CONFLICT DO NOTHING",
+            ttl_claim: "INSERT INTO idem_lab.ttl_keys AS t (k, expires_at) VALUES ($1, $2)
+                        ON CONFLICT (k) DO UPDATE SET expires_at = $4 WHERE t.expires_at <= $3",
+            claimed: |done: &PgQueryResult| done.rows_affected() == 1,
             tally: "SELECT payment, COUNT(*) FILTER (WHERE leg = 'debit'), COUNT(*) FILTER (WHERE leg = 'credit')
                       FROM idem_lab.ledger WHERE strategy = $1 GROUP BY payment",
         };
@@ -68,53 +72,8 @@ impl LabBackend for PgLab {
         Arc::new(self.store.clone())
     }
 
-    async fn reset(&self) -> Result<(), Error> {
-        self.ledger.reset().await
-    }
-
-    async fn insert(
-        &self,
-        strategy: &str,
-        payment: &str,
-        leg: Leg,
-        amount: i64,
-        dedup: Option<&str>,
-    ) -> Result<(), Error> {
-        self.ledger
-            .insert((strategy, payment, leg, amount, dedup))
-            .await
-    }
-
-    async fn naive_seen(&self, strategy: &str, key: &str) -> Result<bool, Error> {
-        self.ledger.naive_seen(strategy, key).await
-    }
-
-    async fn naive_mark(&self, strategy: &str, key: &str) -> Result<(), Error> {
-        self.ledger.naive_mark(strategy, key).await
-    }
-
-    async fn ttl_claim(
-        &self,
-        strategy: &str,
-        key: &str,
-        now_ms: i64,
-        ttl: Duration,
-    ) -> Result<bool, Error> {
-        let done = sqlx::query(
-            "INSERT INTO idem_lab.ttl_keys AS t (k, expires_at) VALUES ($1, $2)
-             ON CONFLICT (k) DO UPDATE SET expires_at = EXCLUDED.expires_at WHERE t.expires_at <= $3",
-        )
-        .bind(lab_key(strategy, key))
-        .bind(now_ms + ttl.as_millis() as i64)
-        .bind(now_ms)
-        .execute(&self.ledger.pool)
-        .await
-        .map_err(Error::retryable)?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn tally(&self, strategy: &str) -> Result<Vec<Tally>, Error> {
-        self.ledger.tally(strategy).await
+    fn ledger(&self) -> &dyn Ledger {
+        &self.ledger
     }
 
     async fn transactional(

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use idem::redis::{redis, RedisOptions, RedisStore};
 use idem::{DynStore, Error, Fingerprint, Key, ManualClock};
 
-use super::{lab_key, LabBackend, Leg, Tally, TxAnswer, TxPayment};
+use super::{lab_key, LabBackend, Ledger, Leg, Tally, TxAnswer, TxPayment};
 
 pub struct RedisLab {
     store: RedisStore,
@@ -62,15 +62,7 @@ pub async fn unlink_matching(
 }
 
 #[async_trait]
-impl LabBackend for RedisLab {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-
-    fn store(&self) -> DynStore {
-        Arc::new(self.store.clone())
-    }
-
+impl Ledger for RedisLab {
     async fn reset(&self) -> Result<(), Error> {
         unlink_matching(&mut self.conn(), &format!("{}*", self.prefix)).await
     }
@@ -168,6 +160,21 @@ impl LabBackend for RedisLab {
             });
         }
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl LabBackend for RedisLab {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn store(&self) -> DynStore {
+        Arc::new(self.store.clone())
+    }
+
+    fn ledger(&self) -> &dyn Ledger {
+        self
     }
 
     async fn transactional(

@@ -1,15 +1,18 @@
 //! What the PostgreSQL and MySQL labs share: the ledger and the naive keys in tables,
 //! written through sqlx with each database's statements.
 
+use std::time::Duration;
+
+use async_trait::async_trait;
 use idem::postgres::sqlx::{
     self, ColumnIndex, Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Type,
 };
 use idem::{Error, Failure};
 
-use super::{lab_key, Leg, Tally, TxPayment, WORKER_DIED};
+use super::{lab_key, Ledger, Leg, Tally, TxPayment, WORKER_DIED};
 
 /// One database's statements.
-pub struct Statements {
+pub struct Statements<DB: Database> {
     /// Empties the ledger, the naive keys and the store's table.
     pub reset: &'static str,
     /// Binds strategy, payment, leg, amount, dedup key; a second row with the same dedup
@@ -19,6 +22,11 @@ pub struct Statements {
     pub naive_seen: &'static str,
     /// Binds the key; records it once.
     pub naive_mark: &'static str,
+    /// Binds the key, the new expiry, now, the new expiry again: the TTL claim in one
+    /// statement.
+    pub ttl_claim: &'static str,
+    /// Whether the TTL claim's result says the key was claimed.
+    pub claimed: fn(&DB::QueryResult) -> bool,
     /// Binds the strategy; answers (payment, debits, credits) rows.
     pub tally: &'static str,
 }
@@ -26,7 +34,7 @@ pub struct Statements {
 /// The ledger of a SQL lab.
 pub struct SqlLedger<DB: Database> {
     pub pool: Pool<DB>,
-    pub sql: Statements,
+    pub sql: Statements<DB>,
 }
 
 /// One ledger row through `e` (the pool, or the store's transaction).
@@ -55,7 +63,8 @@ where
         .map(drop)
 }
 
-impl<DB> SqlLedger<DB>
+#[async_trait]
+impl<DB> Ledger for SqlLedger<DB>
 where
     DB: Database,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -66,7 +75,7 @@ where
     for<'r> (String, i64, i64): FromRow<'r, DB::Row>,
     usize: ColumnIndex<DB::Row>,
 {
-    pub async fn reset(&self) -> Result<(), Error> {
+    async fn reset(&self) -> Result<(), Error> {
         sqlx::raw_sql(self.sql.reset)
             .execute(&self.pool)
             .await
@@ -74,13 +83,21 @@ where
             .map(drop)
     }
 
-    pub async fn insert(&self, row: (&str, &str, Leg, i64, Option<&str>)) -> Result<(), Error> {
+    async fn insert(
+        &self,
+        strategy: &str,
+        payment: &str,
+        leg: Leg,
+        amount: i64,
+        dedup: Option<&str>,
+    ) -> Result<(), Error> {
+        let row = (strategy, payment, leg, amount, dedup);
         insert(&self.pool, self.sql.insert, row)
             .await
             .map_err(Error::retryable)
     }
 
-    pub async fn naive_seen(&self, strategy: &str, key: &str) -> Result<bool, Error> {
+    async fn naive_seen(&self, strategy: &str, key: &str) -> Result<bool, Error> {
         let n: i64 = sqlx::query_scalar(self.sql.naive_seen)
             .bind(lab_key(strategy, key))
             .fetch_one(&self.pool)
@@ -89,7 +106,7 @@ where
         Ok(n > 0)
     }
 
-    pub async fn naive_mark(&self, strategy: &str, key: &str) -> Result<(), Error> {
+    async fn naive_mark(&self, strategy: &str, key: &str) -> Result<(), Error> {
         sqlx::query(self.sql.naive_mark)
             .bind(lab_key(strategy, key))
             .execute(&self.pool)
@@ -98,7 +115,26 @@ where
             .map(drop)
     }
 
-    pub async fn tally(&self, strategy: &str) -> Result<Vec<Tally>, Error> {
+    async fn ttl_claim(
+        &self,
+        strategy: &str,
+        key: &str,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Result<bool, Error> {
+        let until = now_ms + ttl.as_millis() as i64;
+        let done = sqlx::query(self.sql.ttl_claim)
+            .bind(lab_key(strategy, key))
+            .bind(until)
+            .bind(now_ms)
+            .bind(until)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::retryable)?;
+        Ok((self.sql.claimed)(&done))
+    }
+
+    async fn tally(&self, strategy: &str) -> Result<Vec<Tally>, Error> {
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(self.sql.tally)
             .bind(strategy.to_string())
             .fetch_all(&self.pool)

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use idem::sqlite::{rusqlite, SqliteStore};
 use idem::{Barrier, DynStore, Error, Failure, Fingerprint, Key, ManualClock, TxPolicy};
 
-use super::{lab_key, LabBackend, Leg, Tally, TxAnswer, TxPayment, WORKER_DIED};
+use super::{lab_key, LabBackend, Ledger, Leg, Tally, TxAnswer, TxPayment, WORKER_DIED};
 
 pub struct SqliteLab {
     store: SqliteStore,
@@ -46,15 +46,7 @@ fn sqlite_insert(
 }
 
 #[async_trait]
-impl LabBackend for SqliteLab {
-    fn name(&self) -> &'static str {
-        "sqlite"
-    }
-
-    fn store(&self) -> DynStore {
-        Arc::new(self.store.clone())
-    }
-
+impl Ledger for SqliteLab {
     async fn reset(&self) -> Result<(), Error> {
         self.store
             .with_connection(|c| c.execute_batch("DELETE FROM lab_ledger; DELETE FROM lab_naive_keys; DELETE FROM lab_ttl_keys; DELETE FROM idem_records;"))
@@ -143,6 +135,21 @@ impl LabBackend for SqliteLab {
                 rows.collect()
             })
             .await
+    }
+}
+
+#[async_trait]
+impl LabBackend for SqliteLab {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn store(&self) -> DynStore {
+        Arc::new(self.store.clone())
+    }
+
+    fn ledger(&self) -> &dyn Ledger {
+        self
     }
 
     async fn transactional(
