@@ -16,6 +16,7 @@ use idem_core::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::task::JoinHandle;
 
 use crate::config::{Config, Rng};
 use crate::factory::StoreFactory;
@@ -143,25 +144,33 @@ pub(crate) async fn acquire<S: Store + ?Sized>(
     now: Timestamp,
     cx: &Cx,
 ) -> Result<Lease, String> {
-    match store
-        .begin(k, fp, cx.deadlines(now), now)
-        .await
-        .map_err(err)?
-    {
+    acquire_with(store, k, fp, cx.deadlines(now), now).await
+}
+
+/// `begin` with the deadlines `d` that must acquire.
+pub(crate) async fn acquire_with<S: Store + ?Sized>(
+    store: &S,
+    k: &Key,
+    fp: Option<&Fingerprint>,
+    d: Deadlines,
+    now: Timestamp,
+) -> Result<Lease, String> {
+    match store.begin(k, fp, d, now).await.map_err(err)? {
         Begin::Acquired(lease) => Ok(lease),
         other => Err(format!("begin on {k} should acquire, answered {other:?}")),
     }
 }
 
-/// `begin` without fingerprint at `now` with the run's deadlines.
+/// `begin` at `now` with the run's deadlines.
 pub(crate) async fn begin<S: Store + ?Sized>(
     store: &S,
     k: &Key,
+    fp: Option<&Fingerprint>,
     now: Timestamp,
     cx: &Cx,
 ) -> Result<Begin, String> {
     store
-        .begin(k, None, cx.deadlines(now), now)
+        .begin(k, fp, cx.deadlines(now), now)
         .await
         .map_err(err)
 }
@@ -180,6 +189,26 @@ pub(crate) fn lease_lost<T: std::fmt::Debug>(what: &str, r: Result<T, Error>) ->
         Err(Error::LeaseLost) => Ok(()),
         other => Err(format!("{what}: expected LeaseLost, got {other:?}")),
     }
+}
+
+/// Every write through `zombie`, a lease its store no longer honours, answers `LeaseLost`
+/// at `now`: complete and fail (with `resp`), extend and release.
+pub(crate) async fn fenced<S: Store + ?Sized>(
+    s: &S,
+    zombie: &Lease,
+    resp: &[u8],
+    now: Timestamp,
+    cx: &Cx,
+    who: &str,
+) -> Check {
+    let expires = cx.expiry(now);
+    let complete = s.complete(zombie, resp, expires, now).await;
+    lease_lost(&format!("{who}: complete"), complete)?;
+    let fail = s.fail(zombie, resp, expires, now).await;
+    lease_lost(&format!("{who}: fail"), fail)?;
+    let extend = s.extend(zombie, cx.deadlines(now), now).await;
+    lease_lost(&format!("{who}: extend"), extend)?;
+    lease_lost(&format!("{who}: release"), s.release(zombie, now).await)
 }
 
 /// The barrier's answer in the suite's lease-mode scenarios.
@@ -214,6 +243,32 @@ pub(crate) async fn within<T>(
     tokio::time::timeout(limit, fut)
         .await
         .map_err(|_| format!("{what} did not return within {limit:?}: it is stuck"))
+}
+
+/// The answer of a spawned task, within [`Config::stuck_after`]; a panic in it is a failure.
+pub(crate) async fn joined<T>(cx: &Cx, what: &str, task: JoinHandle<T>) -> Result<T, String> {
+    within(cx, what, task)
+        .await?
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+/// Spawns every future of `futs` behind one start line, so that they all begin at once.
+pub(crate) fn at_once<Fut>(futs: impl IntoIterator<Item = Fut>) -> Vec<JoinHandle<Fut::Output>>
+where
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    let futs: Vec<Fut> = futs.into_iter().collect();
+    let start = Arc::new(tokio::sync::Barrier::new(futs.len()));
+    futs.into_iter()
+        .map(|fut| {
+            let start = Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                fut.await
+            })
+        })
+        .collect()
 }
 
 /// Polls `fut` at most `polls` times, then drops it: `Some` if it finished first.

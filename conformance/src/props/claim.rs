@@ -12,7 +12,10 @@ use idem_core::{
 
 use crate::config::RACE_BEGINS;
 use crate::factory::StoreFactory;
-use crate::kit::{acquire, charge, ensure, env, err, key, lease_lost, run_err, Charge, Check, Cx};
+use crate::kit::{
+    acquire, at_once, begin, charge, ensure, env, err, fenced, key, lease_lost, run_err, Charge,
+    Check, Cx,
+};
 
 /// `RACE_BEGINS` simultaneous `begin`s on `k` at `now`: exactly one acquires (with a token
 /// above `above`), every other one answers `InProgress`.
@@ -24,21 +27,10 @@ async fn one_winner<S: Store + 'static>(
     cx: &Cx,
     what: &str,
 ) -> Check {
-    let start = Arc::new(tokio::sync::Barrier::new(RACE_BEGINS));
-    let tasks: Vec<_> = (0..RACE_BEGINS)
-        .map(|_| {
-            let (store, k, start, d) = (
-                Arc::clone(store),
-                k.clone(),
-                Arc::clone(&start),
-                cx.deadlines(now),
-            );
-            tokio::spawn(async move {
-                start.wait().await;
-                store.begin(&k, None, d, now).await
-            })
-        })
-        .collect();
+    let tasks = at_once((0..RACE_BEGINS).map(|_| {
+        let (store, k, d) = (Arc::clone(store), k.clone(), cx.deadlines(now));
+        async move { store.begin(&k, None, d, now).await }
+    }));
     let (mut acquired, mut in_progress, mut errors) = (Vec::new(), 0, Vec::new());
     for t in tasks {
         match t.await.map_err(|e| e.to_string())? {
@@ -98,21 +90,10 @@ pub(crate) async fn concurrent_check_race<F: StoreFactory>(f: &F, cx: &Cx) -> Ch
     for round in 0..(4 * cx.scale()) {
         let k = key("payments", &format!("double-tap-{round}"))?;
         let executions = Arc::new(AtomicU32::new(0));
-        let start = Arc::new(tokio::sync::Barrier::new(DUPLICATES));
-        let tasks: Vec<_> = (0..DUPLICATES)
-            .map(|_| {
-                let (barrier, k, ex, start) = (
-                    env.barrier.clone(),
-                    k.clone(),
-                    Arc::clone(&executions),
-                    Arc::clone(&start),
-                );
-                tokio::spawn(async move {
-                    start.wait().await;
-                    charge(&barrier, &k, None, &ex, Duration::from_millis(20)).await
-                })
-            })
-            .collect();
+        let tasks = at_once((0..DUPLICATES).map(|_| {
+            let (barrier, k, ex) = (env.barrier.clone(), k.clone(), Arc::clone(&executions));
+            async move { charge(&barrier, &k, None, &ex, Duration::from_millis(20)).await }
+        }));
         let (mut fresh, mut replays, mut busy, mut lost) = (0, 0, 0, 0);
         for t in tasks {
             match t.await.map_err(|e| e.to_string())? {
@@ -214,20 +195,7 @@ pub(crate) async fn fencing<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
     );
     let before = s.get(&k).await.map_err(err)?;
     let resp = codec::encode(&"zombie").map_err(err)?;
-    lease_lost(
-        "zombie complete",
-        s.complete(&zombie, &resp, t1.plus(cx.retention()), t1)
-            .await,
-    )?;
-    lease_lost(
-        "zombie fail",
-        s.fail(&zombie, &resp, t1.plus(cx.retention()), t1).await,
-    )?;
-    lease_lost(
-        "zombie extend",
-        s.extend(&zombie, cx.deadlines(t1), t1).await,
-    )?;
-    lease_lost("zombie release", s.release(&zombie, t1).await)?;
+    fenced(s, &zombie, &resp, t1, cx, "zombie").await?;
     let after = s.get(&k).await.map_err(err)?;
     ensure!(
         before == after,
@@ -266,7 +234,7 @@ pub(crate) async fn fencing<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
         "fail after completion",
         s.fail(&successor, &resp, t1, t1).await,
     )?;
-    match s.begin(&k, None, cx.deadlines(t1), t1).await.map_err(err)? {
+    match begin(s, &k, None, t1, cx).await? {
         Begin::Completed { response } if response == ok => Ok(()),
         other => Err(format!(
             "after fencing, the successor's outcome must replay; got {other:?}"
@@ -347,38 +315,22 @@ pub(crate) async fn mismatch_every_path<F: StoreFactory>(f: &F, cx: &Cx) -> Chec
 
     let in_flight = key("mismatch", "in-flight")?;
     acquire(s, &in_flight, Some(&a), now, cx).await?;
-    expect_mismatch(
-        "in flight",
-        s.begin(&in_flight, Some(&b), cx.deadlines(now), now)
-            .await
-            .map_err(err)?,
-    )?;
+    expect_mismatch("in flight", begin(s, &in_flight, Some(&b), now, cx).await?)?;
 
     let completed = key("mismatch", "completed")?;
     let l = acquire(s, &completed, Some(&a), now, cx).await?;
     s.complete(&l, &resp, now.plus(cx.retention()), now)
         .await
         .map_err(err)?;
-    expect_mismatch(
-        "completed",
-        s.begin(&completed, Some(&b), cx.deadlines(now), now)
-            .await
-            .map_err(err)?,
-    )?;
-    let same = s
-        .begin(&completed, Some(&a), cx.deadlines(now), now)
-        .await
-        .map_err(err)?;
+    expect_mismatch("completed", begin(s, &completed, Some(&b), now, cx).await?)?;
+    let same = begin(s, &completed, Some(&a), now, cx).await?;
     ensure!(
         same == Begin::Completed {
             response: resp.clone()
         },
         "an identical retry after completion must replay, got {same:?}"
     );
-    let bare = s
-        .begin(&completed, None, cx.deadlines(now), now)
-        .await
-        .map_err(err)?;
+    let bare = begin(s, &completed, None, now, cx).await?;
     ensure!(
         matches!(bare, Begin::Completed { .. }),
         "a retry without fingerprint must replay, got {bare:?}"
@@ -389,23 +341,13 @@ pub(crate) async fn mismatch_every_path<F: StoreFactory>(f: &F, cx: &Cx) -> Chec
     s.fail(&l, &resp, now.plus(cx.retention()), now)
         .await
         .map_err(err)?;
-    expect_mismatch(
-        "failed",
-        s.begin(&failed, Some(&b), cx.deadlines(now), now)
-            .await
-            .map_err(err)?,
-    )?;
+    expect_mismatch("failed", begin(s, &failed, Some(&b), now, cx).await?)?;
 
     let stale = key("mismatch", "reclaim")?;
     acquire(s, &stale, Some(&a), now, cx).await?;
     let later = now.plus(cx.lease() + Duration::from_secs(1));
     let before = s.get(&stale).await.map_err(err)?;
-    expect_mismatch(
-        "reclaim",
-        s.begin(&stale, Some(&b), cx.deadlines(later), later)
-            .await
-            .map_err(err)?,
-    )?;
+    expect_mismatch("reclaim", begin(s, &stale, Some(&b), later, cx).await?)?;
     ensure!(
         s.get(&stale).await.map_err(err)? == before,
         "a mismatched reclaim attempt changed the record"
@@ -415,20 +357,13 @@ pub(crate) async fn mismatch_every_path<F: StoreFactory>(f: &F, cx: &Cx) -> Chec
     let after = later.plus(cx.lease());
     expect_mismatch(
         "after a reclaim without fingerprint",
-        s.begin(&stale, Some(&b), cx.deadlines(after), after)
-            .await
-            .map_err(err)?,
+        begin(s, &stale, Some(&b), after, cx).await?,
     )?;
 
     let released = key("mismatch", "released")?;
     let l = acquire(s, &released, Some(&a), now, cx).await?;
     s.release(&l, now).await.map_err(err)?;
-    expect_mismatch(
-        "released",
-        s.begin(&released, Some(&b), cx.deadlines(now), now)
-            .await
-            .map_err(err)?,
-    )?;
+    expect_mismatch("released", begin(s, &released, Some(&b), now, cx).await?)?;
 
     // Through the barrier: the stored digest survives completion and still guards replays.
     let via = key("mismatch", "barrier")?;

@@ -89,20 +89,16 @@ async fn check_every_state<S: Store>(
         );
     }
     let now = t0.plus(cx.lease() / 2);
-    match begin(s, &w.keys[0], now, cx).await? {
+    match begin(s, &w.keys[0], None, now, cx).await? {
         Begin::Completed { response } if response == w.outcome => {}
         other => return Err(format!("{how}: the completed key answered {other:?}")),
     }
     let other = Fingerprint::of_bytes(b"other");
-    match s
-        .begin(&w.keys[0], Some(&other), cx.deadlines(now), now)
-        .await
-        .map_err(err)?
-    {
+    match begin(s, &w.keys[0], Some(&other), now, cx).await? {
         Begin::Mismatch => {}
         other => return Err(format!("{how}: the stored fingerprint is gone: {other:?}")),
     }
-    match begin(s, &w.keys[2], now, cx).await? {
+    match begin(s, &w.keys[2], None, now, cx).await? {
         Begin::InProgress { lease_until } if lease_until == w.live.lease_until => {}
         other => {
             return Err(format!(
@@ -114,7 +110,7 @@ async fn check_every_state<S: Store>(
         &format!("{how}: the reclaimed key's zombie"),
         s.complete(&w.zombie, &w.outcome, now, now).await,
     )?;
-    match begin(s, &w.keys[3], now, cx).await? {
+    match begin(s, &w.keys[3], None, now, cx).await? {
         Begin::Acquired(l) if l.token > w.records[3].token => {}
         other => {
             return Err(format!(

@@ -10,7 +10,7 @@ use idem_core::{
 };
 
 use crate::factory::StoreFactory;
-use crate::kit::{acquire, ensure, env, err, key, record, Check, Cx};
+use crate::kit::{acquire, begin, ensure, env, err, key, record, Check, Cx};
 
 /// Keys that a store conflating case, the scope/id boundary, trailing bytes, long keys,
 /// separators, wildcards, unicode forms or whitespace would map to fewer records.
@@ -119,11 +119,7 @@ pub(crate) async fn exact_keys<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
     let now = env.clock.now();
     let keys = tricky_keys()?;
     for (n, k) in keys.iter().enumerate() {
-        match s
-            .begin(k, None, cx.deadlines(now), now)
-            .await
-            .map_err(err)?
-        {
+        match begin(s, k, None, now, cx).await? {
             Begin::Acquired(l) => {
                 let resp = codec::encode(&n).map_err(err)?;
                 s.complete(&l, &resp, cx.expiry(now), now)
@@ -142,11 +138,7 @@ pub(crate) async fn exact_keys<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
     }
     for (n, k) in keys.iter().enumerate() {
         let want = codec::encode(&n).map_err(err)?;
-        match s
-            .begin(k, None, cx.deadlines(now), now)
-            .await
-            .map_err(err)?
-        {
+        match begin(s, k, None, now, cx).await? {
             Begin::Completed { response } if response == want => {}
             Begin::Completed { response } => {
                 let other: usize = codec::decode(&response).map_err(err)?;
@@ -196,11 +188,7 @@ pub(crate) async fn scope_isolation<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
             .await
             .map_err(err)?;
         // Mismatch and conflict: B's claim with another payload is B's own.
-        let lb = match s
-            .begin(&b, Some(&fb), cx.deadlines(t0), t0)
-            .await
-            .map_err(err)?
-        {
+        let lb = match begin(s, &b, Some(&fb), t0, cx).await? {
             Begin::Acquired(l) => l,
             other => {
                 return Err(format!(
@@ -210,15 +198,11 @@ pub(crate) async fn scope_isolation<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
         };
         // Conflict the other way: A's id in a third state must not see B's live claim.
         let c = key(&format!("{sa}/c"), &id)?;
-        match s
-            .begin(&c, Some(&fb), cx.deadlines(t0), t0)
-            .await
-            .map_err(err)?
-        {
+        match begin(s, &c, Some(&fb), t0, cx).await? {
             Begin::Acquired(_) => {}
             other => return Err(format!("{c:?} answered {other:?}")),
         }
-        match s.begin(&b, None, cx.deadlines(t0), t0).await.map_err(err)? {
+        match begin(s, &b, None, t0, cx).await? {
             Begin::InProgress { .. } => {}
             other => return Err(format!("{b:?} lost its own claim: {other:?}")),
         }
@@ -272,11 +256,7 @@ pub(crate) async fn bad_input<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
         s.complete(&l, bytes, now.plus(cx.retention()), now)
             .await
             .map_err(err)?;
-        match s
-            .begin(&k, None, cx.deadlines(now), now)
-            .await
-            .map_err(err)?
-        {
+        match begin(s, &k, None, now, cx).await? {
             Begin::Completed { response } if response == *bytes => {}
             other => {
                 return Err(format!(

@@ -10,7 +10,7 @@ use idem_core::{Begin, Clock, Deadlines, Error, State, Store, Timestamp, Token};
 
 use crate::config::RACE_ROUNDS;
 use crate::factory::StoreFactory;
-use crate::kit::{acquire, ensure, env, err, key, record, Check, Cx};
+use crate::kit::{acquire, acquire_with, ensure, env, err, key, record, Check, Cx};
 
 pub(crate) async fn purge<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
     let env = env(f, cx).await?;
@@ -29,10 +29,7 @@ pub(crate) async fn purge<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
         lease_until: t.plus(cx.lease()),
         expires_at: t.plus(cx.lease() + hour * 3),
     };
-    match s.begin(&running, None, d, t).await.map_err(err)? {
-        Begin::Acquired(_) => {}
-        other => return Err(format!("a fresh key answered {other:?}")),
-    }
+    acquire_with(s, &running, None, d, t).await?;
 
     let keys = [done.clone(), failed.clone(), running.clone()];
     let mut before = Vec::new();
@@ -228,10 +225,7 @@ pub(crate) async fn purge_race<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
 
         // Purge against a reclaim: the reclaimed claim (or a fresh one, if purge won) stays.
         let k = key("purge-race", &format!("reclaim-{round}"))?;
-        match s.begin(&k, None, spent, t0).await.map_err(err)? {
-            Begin::Acquired(_) => {}
-            other => return Err(format!("a fresh key answered {other:?}")),
-        }
+        acquire_with(&**s, &k, None, spent, t0).await?;
         let (s1, s2, k2, d) = (Arc::clone(s), Arc::clone(s), k.clone(), cx.deadlines(late));
         let (purged, claimed) = together(
             round,
@@ -256,10 +250,7 @@ pub(crate) async fn purge_race<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
 
         // Purge against the holder's completion: an acknowledged completion is never lost.
         let k = key("purge-race", &format!("complete-{round}"))?;
-        let holder = match s.begin(&k, None, spent, t0).await.map_err(err)? {
-            Begin::Acquired(l) => l,
-            other => return Err(format!("a fresh key answered {other:?}")),
-        };
+        let holder = acquire_with(&**s, &k, None, spent, t0).await?;
         let (s1, s2, r2) = (Arc::clone(s), Arc::clone(s), resp.clone());
         let expires = cx.expiry(late);
         let (purged, completed) = together(
@@ -285,10 +276,7 @@ pub(crate) async fn purge_race<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
 
         // Purge against an extension: an extended lease is live and stays.
         let k = key("purge-race", &format!("extend-{round}"))?;
-        let holder = match s.begin(&k, None, spent, t0).await.map_err(err)? {
-            Begin::Acquired(l) => l,
-            other => return Err(format!("a fresh key answered {other:?}")),
-        };
+        let holder = acquire_with(&**s, &k, None, spent, t0).await?;
         let (s1, s2, d) = (Arc::clone(s), Arc::clone(s), cx.deadlines(late));
         let (purged, extended) = together(
             round,

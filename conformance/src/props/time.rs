@@ -86,6 +86,10 @@ pub(crate) async fn time_parameters<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
     let t0 = cx.cfg.timing.start;
     let span =
         |rng: &mut crate::config::Rng, d: Duration| millis(1 + rng.below(3 * d.as_millis() as u64));
+    let begin_op = |deadlines| Op::Begin {
+        fingerprint: None,
+        deadlines,
+    };
     for i in 0..(8 * cx.scale()) {
         let k = key("time", &format!("k{i}"))?;
         let now = t0.plus(millis(rng.below(10_000)));
@@ -95,18 +99,7 @@ pub(crate) async fn time_parameters<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
             expires_at: now.plus(lease + retention),
         };
         let what = format!("lease {lease:?}, retention {retention:?}");
-        same(
-            &store,
-            &model,
-            &k,
-            Op::Begin {
-                fingerprint: None,
-                deadlines: d,
-            },
-            now,
-            &what,
-        )
-        .await?;
+        same(&store, &model, &k, begin_op(d), now, &what).await?;
         let lease_of = match model.get(&k).await.map_err(err)?.map(|r| r.state) {
             Some(State::InProgress { token, .. }) => token,
             other => return Err(format!("the model holds {other:?}")),
@@ -117,18 +110,7 @@ pub(crate) async fn time_parameters<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
             lease_until: before.plus(cx.lease()),
             expires_at: before.plus(cx.lease() + cx.retention()),
         };
-        same(
-            &store,
-            &model,
-            &k,
-            Op::Begin {
-                fingerprint: None,
-                deadlines: other,
-            },
-            before,
-            &what,
-        )
-        .await?;
+        same(&store, &model, &k, begin_op(other), before, &what).await?;
         // Extend to a new random deadline, then complete with a random retention.
         let (lease2, retention2) = (span(&mut rng, cx.lease()), span(&mut rng, cx.retention()));
         let d2 = Deadlines {
@@ -234,7 +216,7 @@ pub(crate) async fn exact_deadlines<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
         let k = key("deadline", "lease")?;
         let first = acquire(&s, &k, None, t0, cx).await?;
         let deadline = first.lease_until;
-        match begin(&s, &k, minus(deadline, delta), cx).await? {
+        match begin(&s, &k, None, minus(deadline, delta), cx).await? {
             Begin::InProgress { lease_until } if lease_until == deadline => {}
             other => {
                 return Err(format!(
@@ -243,7 +225,7 @@ pub(crate) async fn exact_deadlines<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
                 ))
             }
         }
-        let at = match begin(&s, &k, deadline, cx).await? {
+        let at = match begin(&s, &k, None, deadline, cx).await? {
             Begin::Acquired(l) if l.reclaimed && l.token > first.token => l,
             other => {
                 return Err(format!(
@@ -254,7 +236,7 @@ pub(crate) async fn exact_deadlines<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
         };
         let after = key("deadline", "after")?;
         acquire(&s, &after, None, t0, cx).await?;
-        match begin(&s, &after, deadline.plus(delta), cx).await? {
+        match begin(&s, &after, None, deadline.plus(delta), cx).await? {
             Begin::Acquired(l) if l.reclaimed => {}
             other => {
                 return Err(format!(
@@ -274,14 +256,8 @@ pub(crate) async fn exact_deadlines<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
             "extend to {extended_until} returned a lease until {}",
             ext.lease_until
         );
-        match begin(
-            &s,
-            &k,
-            minus(extended_until, delta.min(Duration::from_millis(1))),
-            cx,
-        )
-        .await?
-        {
+        let just_before = minus(extended_until, delta.min(Duration::from_millis(1)));
+        match begin(&s, &k, None, just_before, cx).await? {
             Begin::InProgress { lease_until } if lease_until == extended_until => {}
             other => {
                 return Err(format!(
@@ -289,7 +265,7 @@ pub(crate) async fn exact_deadlines<F: StoreFactory>(f: &F, cx: &Cx) -> Check {
                 ))
             }
         }
-        match begin(&s, &k, extended_until, cx).await? {
+        match begin(&s, &k, None, extended_until, cx).await? {
             Begin::Acquired(l) if l.token > at.token => {}
             other => {
                 return Err(format!(
@@ -387,35 +363,22 @@ pub(crate) async fn retention_is_not_absence<F: StoreFactory>(f: &F, cx: &Cx) ->
         s.stats().await.map_err(err)? == stats,
         "stats changed with time alone"
     );
-    let replay = s
-        .begin(&done, Some(&a), cx.deadlines(late), late)
-        .await
-        .map_err(err)?;
+    let replay = begin(s, &done, Some(&a), late, cx).await?;
     ensure!(
         replay == Begin::Completed { response: ok.clone() },
         "a completed record past its retention, not purged, answered {replay:?} instead of its replay"
     );
-    let mismatch = s
-        .begin(&done, Some(&b), cx.deadlines(late), late)
-        .await
-        .map_err(err)?;
+    let mismatch = begin(s, &done, Some(&b), late, cx).await?;
     ensure!(
         mismatch == Begin::Mismatch,
         "a completed record past its retention answered {mismatch:?} to another payload"
     );
-    let replay = s
-        .begin(&failed, None, cx.deadlines(late), late)
-        .await
-        .map_err(err)?;
+    let replay = begin(s, &failed, None, late, cx).await?;
     ensure!(
         replay == Begin::Failed { response: no },
         "a failed record past its retention answered {replay:?}"
     );
-    match s
-        .begin(&held, Some(&b), cx.deadlines(late), late)
-        .await
-        .map_err(err)?
-    {
+    match begin(s, &held, Some(&b), late, cx).await? {
         Begin::Mismatch => {}
         other => {
             return Err(format!(
@@ -423,11 +386,7 @@ pub(crate) async fn retention_is_not_absence<F: StoreFactory>(f: &F, cx: &Cx) ->
             ))
         }
     }
-    match s
-        .begin(&held, Some(&a), cx.deadlines(late), late)
-        .await
-        .map_err(err)?
-    {
+    match begin(s, &held, Some(&a), late, cx).await? {
         Begin::Acquired(l) if l.token > zombie.token && l.reclaimed => {
             lease_lost(
                 "the expired claim's holder",
@@ -442,11 +401,7 @@ pub(crate) async fn retention_is_not_absence<F: StoreFactory>(f: &F, cx: &Cx) ->
             ))
         }
     }
-    match s
-        .begin(&released, None, cx.deadlines(late), late)
-        .await
-        .map_err(err)?
-    {
+    match begin(s, &released, None, late, cx).await? {
         Begin::Acquired(l) if l.token > Token(1) && !l.reclaimed => {}
         other => {
             return Err(format!(

@@ -1,52 +1,261 @@
 //! Transactional mode, as thoroughly as lease mode: commit once, rollbacks leave nothing,
 //! fingerprints on every path, fencing across modes, Wait and NoWait, retention.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::{
-    Barrier, Begin, Clock, Error, Fingerprint, Key, Outcome, Response, RunError, State, Store,
-    TransactionalStore, TxPolicy,
+    Barrier, Clock, Error, Fingerprint, Key, Lease, ManualClock, Outcome, Response, RunError,
+    State, Store, TransactionalStore, TxPolicy,
 };
+use tokio::task::JoinHandle;
 
 use crate::config::{TTL_TRAP_JUMP, TX_DUPLICATES, TX_ROLLBACKS, TX_ROUNDS};
 use crate::factory::{Gate, TxEnd, TxFactory, TxPlan};
 use crate::kit::{
-    acquire, charge, ensure, env, err, key, lease_lost, record, run_err, within, Check, Cx,
+    acquire, at_once, charge, ensure, env, err, fenced, joined, key, lease_lost, record, run_err,
+    within, Check, Cx, Env,
 };
 
-type TxResult = Result<Response<u64, String>, RunError<String>>;
+/// What a transaction answers when it has an outcome.
+type Answer = Response<u64, String>;
+/// What a transaction answers.
+type TxResult = Result<Answer, RunError<String>>;
 
-fn plan(rows: u32, end: TxEnd) -> TxPlan {
-    TxPlan {
-        rows,
-        hold: Duration::ZERO,
-        end,
+/// The outcome a zombie (a holder whose lease was reclaimed) tries to store.
+const ZOMBIE: &[u8] = b"\x01\"zombie\"";
+
+/// One transactional property's world: the factory and the run's context, and a fresh store
+/// with its clock and a barrier over both.
+struct TxEnv<'a, F>
+where
+    F: TxFactory,
+    F::Store: TransactionalStore,
+{
+    f: &'a F,
+    cx: Cx,
+    store: Arc<F::Store>,
+    clock: ManualClock,
+    barrier: Barrier<F::Store>,
+}
+
+impl<'a, F> TxEnv<'a, F>
+where
+    F: TxFactory,
+    F::Store: TransactionalStore,
+{
+    async fn new(f: &'a F, cx: &Cx) -> Result<Self, String> {
+        let Env {
+            store,
+            clock,
+            barrier,
+        } = env(f, cx).await?;
+        Ok(TxEnv {
+            f,
+            cx: *cx,
+            store,
+            clock,
+            barrier,
+        })
+    }
+
+    /// A transaction on `k` that writes `rows` business rows and commits, with `Wait` and
+    /// without fingerprint; [`Call`]'s builders change the rest.
+    fn tx<'c>(&'c self, k: &'c Key, rows: u32) -> Call<'c, F> {
+        Call {
+            env: self,
+            key: k,
+            fp: None,
+            policy: TxPolicy::Wait,
+            plan: TxPlan {
+                rows,
+                hold: Duration::ZERO,
+                end: TxEnd::Commit,
+            },
+        }
+    }
+
+    /// The business rows committed for `k`.
+    async fn rows(&self, k: &Key) -> Result<u64, String> {
+        self.f.business_rows(&self.store, k).await.map_err(err)
+    }
+
+    /// `k` has exactly `want` committed business rows.
+    async fn expect_rows(&self, k: &Key, want: u64, when: &str) -> Check {
+        let n = self.rows(k).await?;
+        ensure!(n == want, "{when}: {n} business rows, expected {want}");
+        Ok(())
+    }
+
+    /// `what` left neither business rows nor a record under `k`.
+    async fn expect_nothing(&self, k: &Key, what: &str) -> Check {
+        let n = self.rows(k).await?;
+        let rec = self.store.get(k).await.map_err(err)?;
+        ensure!(
+            n == 0 && rec.is_none(),
+            "{what} left {n} business rows and the record {rec:?} (expected neither)"
+        );
+        Ok(())
+    }
+
+    /// `complete` through `zombie`, a lease the store no longer honours, answers `LeaseLost`.
+    async fn zombie_complete(&self, zombie: &Lease, what: &str) -> Check {
+        let now = self.clock.now();
+        let r = self
+            .store
+            .complete(zombie, ZOMBIE, self.cx.expiry(now), now)
+            .await;
+        lease_lost(what, r)
     }
 }
 
-async fn tx<F>(
-    f: &F,
-    b: &Barrier<F::Store>,
-    k: &Key,
+/// One transaction through the barrier: made by [`TxEnv::tx`], adjusted by the builders,
+/// then run by what it is expected to answer.
+struct Call<'c, F>
+where
+    F: TxFactory,
+    F::Store: TransactionalStore,
+{
+    env: &'c TxEnv<'c, F>,
+    key: &'c Key,
     fp: Option<Fingerprint>,
     policy: TxPolicy,
-    p: TxPlan,
-) -> TxResult
-where
-    F: TxFactory,
-    F::Store: TransactionalStore,
-{
-    b.transaction(k, fp, policy, f.operation(k, p)).await
+    plan: TxPlan,
 }
 
-async fn rows<F>(f: &F, store: &F::Store, k: &Key) -> Result<u64, String>
+impl<F> Call<'_, F>
 where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    f.business_rows(store, k).await.map_err(err)
+    fn fp(self, fp: Option<Fingerprint>) -> Self {
+        Call { fp, ..self }
+    }
+
+    fn policy(self, policy: TxPolicy) -> Self {
+        Call { policy, ..self }
+    }
+
+    fn end(mut self, end: TxEnd) -> Self {
+        self.plan.end = end;
+        self
+    }
+
+    fn hold(mut self, hold: Duration) -> Self {
+        self.plan.hold = hold;
+        self
+    }
+
+    /// Runs the transaction; whatever it answers.
+    async fn run(self) -> TxResult {
+        let op = self.env.f.operation(self.key, self.plan);
+        let b = &self.env.barrier;
+        b.transaction(self.key, self.fp, self.policy, op).await
+    }
+
+    /// The transaction as a future that owns what it needs, to spawn.
+    fn detached(self) -> impl Future<Output = TxResult> + Send + 'static {
+        let op = self.env.f.operation(self.key, self.plan);
+        let (b, k, fp, policy) = (
+            self.env.barrier.clone(),
+            self.key.clone(),
+            self.fp,
+            self.policy,
+        );
+        async move { b.transaction(&k, fp, policy, op).await }
+    }
+
+    /// The transaction spawned: it runs beside the caller.
+    fn spawn(self) -> JoinHandle<TxResult> {
+        tokio::spawn(self.detached())
+    }
+
+    /// Runs the transaction, which must answer an outcome (executed or replayed).
+    async fn answer(self, what: &str) -> Result<Answer, String> {
+        self.run()
+            .await
+            .map_err(|e| format!("{what}: {}", run_err(e)))
+    }
+
+    /// Runs the transaction, which must execute (not replay).
+    async fn fresh(self, what: &str) -> Result<Answer, String> {
+        let r = self.answer(what).await?;
+        ensure!(!r.replayed, "{what} replayed instead of executing: {r:?}");
+        Ok(r)
+    }
+
+    /// Runs the transaction, which must replay a stored outcome.
+    async fn replay(self, what: &str) -> Result<Answer, String> {
+        let r = self.answer(what).await?;
+        ensure!(r.replayed, "{what} executed instead of replaying: {r:?}");
+        Ok(r)
+    }
+
+    /// Runs the transaction, which must take no effect and answer as `want` says.
+    async fn refused(self, want: Refusal, what: &str) -> Check {
+        refused(want, what, &self.run().await)
+    }
+}
+
+/// How a transaction that takes no effect answers.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// `Error::Mismatch`: the key holds another payload.
+    Mismatch,
+    /// `Error::InProgress`: another attempt holds the key.
+    InProgress,
+    /// The operation's own error: the transaction rolled back.
+    RolledBack,
+}
+
+/// `r`, the answer of `what`, is the refusal `want`.
+fn refused(want: Refusal, what: &str, r: &TxResult) -> Check {
+    let is = match want {
+        Refusal::Mismatch => matches!(r, Err(RunError::Barrier(Error::Mismatch))),
+        Refusal::InProgress => matches!(r, Err(RunError::Barrier(Error::InProgress { .. }))),
+        Refusal::RolledBack => matches!(r, Err(RunError::Operation(_))),
+    };
+    ensure!(is, "{what} answered {r:?}, expected {want:?}");
+    Ok(())
+}
+
+/// `r`, the answer of `what`, has the outcome `want`.
+fn outcome(what: &str, r: &Answer, want: Outcome<u64, String>) -> Check {
+    ensure!(
+        r.outcome == want,
+        "{what} answered {r:?}, expected {want:?}"
+    );
+    Ok(())
+}
+
+/// How the calls of a burst of duplicates answered.
+#[derive(Default)]
+struct Tally {
+    fresh: usize,
+    replays: usize,
+    busy: usize,
+}
+
+/// Waits for every call of a burst and counts the answers: `InProgress` counts as busy
+/// where `busy_ok`, any other error fails the burst (`what`).
+async fn tally(
+    cx: &Cx,
+    tasks: Vec<JoinHandle<TxResult>>,
+    busy_ok: bool,
+    what: &str,
+) -> Result<Tally, String> {
+    let mut t = Tally::default();
+    for task in tasks {
+        match joined(cx, what, task).await? {
+            Ok(r) if r.replayed => t.replays += 1,
+            Ok(_) => t.fresh += 1,
+            Err(RunError::Barrier(Error::InProgress { .. })) if busy_ok => t.busy += 1,
+            Err(e) => return Err(format!("{what}: {}", run_err(e))),
+        }
+    }
+    Ok(t)
 }
 
 pub(crate) async fn commit_once<F>(f: &F, cx: &Cx) -> Check
@@ -54,49 +263,19 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
+    let env = TxEnv::new(f, cx).await?;
     let k = key("tx", "commit-once")?;
     let fp = Some(Fingerprint::of_bytes(b"order=1"));
-    let first = tx(
-        f,
-        &env.barrier,
-        &k,
-        fp,
-        TxPolicy::Wait,
-        plan(3, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
-    ensure!(
-        first.outcome == Outcome::Completed(3) && !first.replayed,
-        "first transaction answered {first:?}"
-    );
-    ensure!(
-        rows(f, &env.store, &k).await? == 3,
-        "business rows after commit: {}",
-        rows(f, &env.store, &k).await?
-    );
+    let first = env.tx(&k, 3).fp(fp).fresh("the first transaction").await?;
+    outcome("the first transaction", &first, Outcome::Completed(3))?;
+    env.expect_rows(&k, 3, "after the commit").await?;
     env.clock.advance(TTL_TRAP_JUMP);
     for _ in 0..3 {
-        let again = tx(
-            f,
-            &env.barrier,
-            &k,
-            fp,
-            TxPolicy::Wait,
-            plan(3, TxEnd::Commit),
-        )
-        .await
-        .map_err(run_err)?;
-        ensure!(
-            again.replayed && again.outcome == Outcome::Completed(3),
-            "retry answered {again:?}"
-        );
+        let again = env.tx(&k, 3).fp(fp).replay("a retry").await?;
+        outcome("a retry", &again, Outcome::Completed(3))?;
     }
-    ensure!(
-        rows(f, &env.store, &k).await? == 3,
-        "retries wrote business rows again"
-    );
+    env.expect_rows(&k, 3, "after the retries (which must not write again)")
+        .await?;
     let rec = env.store.get(&k).await.map_err(err)?;
     ensure!(
         matches!(
@@ -113,82 +292,28 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
+    let env = TxEnv::new(f, cx).await?;
     let k = key("tx", "ghost")?;
-    let r = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::Wait,
-        plan(3, TxEnd::Retryable),
-    )
-    .await;
-    ensure!(
-        matches!(r, Err(RunError::Operation(_))),
-        "a retryable failure answered {r:?}"
-    );
-    ensure!(
-        rows(f, &env.store, &k).await? == 0,
-        "a rolled-back transaction left business rows"
-    );
-    ensure!(
-        env.store.get(&k).await.map_err(err)?.is_none(),
-        "a rolled-back transaction left a claim"
-    );
+    env.tx(&k, 3)
+        .end(TxEnd::Retryable)
+        .refused(Refusal::RolledBack, "a retryable failure")
+        .await?;
+    env.expect_nothing(&k, "a rolled-back transaction").await?;
 
     // The worker dies mid-operation (a panic before commit).
-    let (barrier, key2, op) = (
-        env.barrier.clone(),
-        k.clone(),
-        f.operation(&k, plan(3, TxEnd::Panic)),
-    );
-    let crashed = tokio::spawn(async move {
-        let _ = barrier.transaction(&key2, None, TxPolicy::Wait, op).await;
-    })
-    .await;
+    let crashed = env.tx(&k, 3).end(TxEnd::Panic).spawn().await;
     ensure!(
         crashed.as_ref().is_err_and(|e| e.is_panic()),
         "the simulated crash did not happen: {crashed:?}"
     );
-    ensure!(
-        rows(f, &env.store, &k).await? == 0,
-        "a crashed transaction left business rows"
-    );
-    let rec = env.store.get(&k).await.map_err(err)?;
-    ensure!(
-        rec.is_none(),
-        "a crashed transaction left a record: {rec:?}"
-    );
+    env.expect_nothing(&k, "a crashed transaction").await?;
 
-    let retry = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::NoWait,
-        plan(3, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
-    ensure!(!retry.replayed, "the retry after a crash must execute");
-    let again = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::Wait,
-        plan(3, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
-    ensure!(again.replayed, "the second retry must replay");
-    ensure!(
-        rows(f, &env.store, &k).await? == 3,
-        "after crash and retries: {} rows, expected 3",
-        rows(f, &env.store, &k).await?
-    );
-    Ok(())
+    env.tx(&k, 3)
+        .policy(TxPolicy::NoWait)
+        .fresh("the retry after a crash")
+        .await?;
+    env.tx(&k, 3).replay("the second retry").await?;
+    env.expect_rows(&k, 3, "after crash and retries").await
 }
 
 pub(crate) async fn permanent_failure<F>(f: &F, cx: &Cx) -> Check
@@ -196,45 +321,18 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
+    let env = TxEnv::new(f, cx).await?;
     let k = key("tx", "declined")?;
-    let r = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::Wait,
-        plan(2, TxEnd::Permanent),
-    )
-    .await
-    .map_err(run_err)?;
-    ensure!(
-        r.outcome == Outcome::Failed("declined".into()) && !r.replayed,
-        "permanent failure answered {r:?}"
-    );
-    ensure!(
-        rows(f, &env.store, &k).await? == 0,
-        "a permanent failure kept its business rows"
-    );
-    let again = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::Wait,
-        plan(2, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
-    ensure!(
-        again.replayed && again.outcome == Outcome::Failed("declined".into()),
-        "the retry of a permanent failure answered {again:?}"
-    );
-    ensure!(
-        rows(f, &env.store, &k).await? == 0,
-        "the retry of a permanent failure wrote rows"
-    );
-    Ok(())
+    let declined = || Outcome::Failed("declined".into());
+    let what = "a permanent failure";
+    let r = env.tx(&k, 2).end(TxEnd::Permanent).fresh(what).await?;
+    outcome(what, &r, declined())?;
+    env.expect_rows(&k, 0, "after a permanent failure (its rows must roll back)")
+        .await?;
+    let what = "the retry of a permanent failure";
+    let again = env.tx(&k, 2).replay(what).await?;
+    outcome(what, &again, declined())?;
+    env.expect_rows(&k, 0, what).await
 }
 
 pub(crate) async fn concurrent_duplicates<F>(f: &F, cx: &Cx) -> Check
@@ -242,45 +340,25 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
+    let env = TxEnv::new(f, cx).await?;
     for round in 0..(TX_ROUNDS * cx.scale()) {
         for policy in [TxPolicy::Wait, TxPolicy::NoWait] {
             let k = key("tx-race", &format!("{policy:?}-{round}"))?;
-            let start = Arc::new(tokio::sync::Barrier::new(TX_DUPLICATES));
-            let tasks: Vec<_> = (0..TX_DUPLICATES)
-                .map(|_| {
-                    let op = f.operation(
-                        &k,
-                        TxPlan {
-                            rows: 1,
-                            hold: Duration::from_millis(30),
-                            end: TxEnd::Commit,
-                        },
-                    );
-                    let (barrier, k, start) = (env.barrier.clone(), k.clone(), Arc::clone(&start));
-                    tokio::spawn(async move {
-                        start.wait().await;
-                        barrier.transaction(&k, None, policy, op).await
-                    })
-                })
-                .collect();
-            let (mut fresh, mut replays, mut busy) = (0, 0, 0);
-            for t in tasks {
-                match t.await.map_err(|e| e.to_string())? {
-                    Ok(r) if r.replayed => replays += 1,
-                    Ok(_) => fresh += 1,
-                    Err(RunError::Barrier(Error::InProgress { .. }))
-                        if policy == TxPolicy::NoWait =>
-                    {
-                        busy += 1
-                    }
-                    Err(e) => return Err(format!("{policy:?}: {}", run_err(e))),
-                }
-            }
-            let n = rows(f, &env.store, &k).await?;
+            let hold = Duration::from_millis(30);
+            let tasks = at_once(
+                (0..TX_DUPLICATES).map(|_| env.tx(&k, 1).policy(policy).hold(hold).detached()),
+            );
+            let what = format!("{policy:?} round {round}");
+            let busy_ok = policy == TxPolicy::NoWait;
+            let Tally {
+                fresh,
+                replays,
+                busy,
+            } = tally(cx, tasks, busy_ok, &what).await?;
+            let n = env.rows(&k).await?;
             ensure!(
                 fresh == 1 && n == 1,
-                "{policy:?} round {round}: {TX_DUPLICATES} concurrent duplicates: {fresh} executed, \
+                "{what}: {TX_DUPLICATES} concurrent duplicates: {fresh} executed, \
                  {replays} replayed, {busy} in progress, {n} business rows"
             );
             if policy == TxPolicy::Wait {
@@ -299,109 +377,39 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
+    let env = TxEnv::new(f, cx).await?;
     let (a, b) = (Fingerprint::of_bytes(b"a"), Fingerprint::of_bytes(b"b"));
     let k = key("tx-mixed", "mismatch")?;
-    tx(
-        f,
-        &env.barrier,
-        &k,
-        Some(a),
-        TxPolicy::Wait,
-        plan(1, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
-    let r = tx(
-        f,
-        &env.barrier,
-        &k,
-        Some(b),
-        TxPolicy::Wait,
-        plan(1, TxEnd::Commit),
-    )
-    .await;
-    ensure!(
-        matches!(r, Err(RunError::Barrier(Error::Mismatch))),
-        "mismatch in a transaction answered {r:?}"
-    );
-    ensure!(
-        rows(f, &env.store, &k).await? == 1,
-        "a mismatched transaction wrote rows"
-    );
+    env.tx(&k, 1)
+        .fp(Some(a))
+        .answer("the first transaction")
+        .await?;
+    env.tx(&k, 1)
+        .fp(Some(b))
+        .refused(Refusal::Mismatch, "a transaction with another payload")
+        .await?;
+    env.expect_rows(&k, 1, "after a mismatched transaction")
+        .await?;
 
     // A live lease-mode claim on the key: the transaction must not run.
     let live = key("tx-mixed", "live-lease")?;
-    let now = env.clock.now();
-    let lease = match env
-        .store
-        .begin(&live, None, cx.deadlines(now), now)
-        .await
-        .map_err(err)?
-    {
-        Begin::Acquired(l) => l,
-        other => return Err(format!("begin answered {other:?}")),
-    };
-    let r = tx(
-        f,
-        &env.barrier,
-        &live,
-        None,
-        TxPolicy::Wait,
-        plan(1, TxEnd::Commit),
-    )
-    .await;
-    ensure!(
-        matches!(r, Err(RunError::Barrier(Error::InProgress { .. }))),
-        "a live lease answered {r:?}"
-    );
-    ensure!(
-        rows(f, &env.store, &live).await? == 0,
-        "the transaction ran beside a live lease"
-    );
+    let lease = acquire(&*env.store, &live, None, env.clock.now(), cx).await?;
+    env.tx(&live, 1)
+        .refused(Refusal::InProgress, "a transaction beside a live lease")
+        .await?;
+    env.expect_rows(&live, 0, "beside a live lease").await?;
 
     // Once that lease expires the transaction reclaims the key, and the zombie is fenced.
     env.clock.advance(cx.lease() + Duration::from_secs(1));
-    let r = tx(
-        f,
-        &env.barrier,
-        &live,
-        None,
-        TxPolicy::Wait,
-        plan(1, TxEnd::Commit),
+    env.tx(&live, 1)
+        .fresh("the transaction on a key with an expired lease (it must reclaim it)")
+        .await?;
+    env.zombie_complete(
+        &lease,
+        "the zombie's complete after a transactional reclaim",
     )
-    .await
-    .map_err(run_err)?;
-    ensure!(
-        !r.replayed,
-        "the transaction did not reclaim an expired lease: {r:?}"
-    );
-    let late = env.clock.now();
-    match env
-        .store
-        .complete(&lease, b"\x01\"zombie\"", late.plus(cx.retention()), late)
-        .await
-    {
-        Err(Error::LeaseLost) => {}
-        other => {
-            return Err(format!(
-                "the zombie's complete after a transactional reclaim: {other:?}"
-            ))
-        }
-    }
-    ensure!(
-        rows(f, &env.store, &live).await? == 1,
-        "rows after reclaim: expected 1"
-    );
-    Ok(())
-}
-
-fn gated(rows: u32, gate: &Gate) -> TxPlan {
-    TxPlan {
-        rows,
-        hold: Duration::ZERO,
-        end: gate.end(),
-    }
+    .await?;
+    env.expect_rows(&live, 1, "after the reclaim").await
 }
 
 pub(crate) async fn mismatch_every_path<F>(f: &F, cx: &Cx) -> Check
@@ -409,98 +417,69 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
-    let b = &env.barrier;
+    let env = TxEnv::new(f, cx).await?;
     let (fa, fb) = (Fingerprint::of_bytes(b"a"), Fingerprint::of_bytes(b"b"));
-    let mismatch = |path: &str, r: TxResult| -> Check {
-        ensure!(
-            matches!(r, Err(RunError::Barrier(Error::Mismatch))),
-            "{path}: a transaction with another payload answered {r:?}"
-        );
-        Ok(())
-    };
+    let other = |path: &str| format!("{path}: a transaction with another payload");
     // A fresh claim stores the fingerprint; replays of its completion check it.
     let k = key("tx-mismatch", "completed")?;
-    tx(f, b, &k, Some(fa), TxPolicy::Wait, plan(1, TxEnd::Commit))
-        .await
-        .map_err(run_err)?;
+    env.tx(&k, 1)
+        .fp(Some(fa))
+        .answer("the first transaction")
+        .await?;
     ensure!(
         record(&*env.store, &k).await?.fingerprint == Some(fa),
         "a transactional claim did not keep its fingerprint"
     );
     for policy in [TxPolicy::Wait, TxPolicy::NoWait] {
-        mismatch(
-            "completed",
-            tx(f, b, &k, Some(fb), policy, plan(1, TxEnd::Commit)).await,
-        )?;
+        let what = other(&format!("completed ({policy:?})"));
+        let call = env.tx(&k, 1).fp(Some(fb)).policy(policy);
+        call.refused(Refusal::Mismatch, &what).await?;
     }
     for fp in [Some(fa), None] {
-        let r = tx(f, b, &k, fp, TxPolicy::Wait, plan(1, TxEnd::Commit))
-            .await
-            .map_err(run_err)?;
-        ensure!(r.replayed, "an identical retry did not replay: {r:?}");
+        env.tx(&k, 1).fp(fp).replay("an identical retry").await?;
     }
     // A permanent failure's replay.
     let k = key("tx-mismatch", "failed")?;
-    tx(
-        f,
-        b,
-        &k,
-        Some(fa),
-        TxPolicy::Wait,
-        plan(1, TxEnd::Permanent),
-    )
-    .await
-    .map_err(run_err)?;
-    mismatch(
-        "failed",
-        tx(f, b, &k, Some(fb), TxPolicy::Wait, plan(1, TxEnd::Commit)).await,
-    )?;
+    env.tx(&k, 1)
+        .fp(Some(fa))
+        .end(TxEnd::Permanent)
+        .answer("a permanent failure")
+        .await?;
+    env.tx(&k, 1)
+        .fp(Some(fb))
+        .refused(Refusal::Mismatch, &other("failed"))
+        .await?;
     // A live lease-mode claim: mismatch comes before "in progress".
     let k = key("tx-mismatch", "live-lease")?;
-    let now = env.clock.now();
-    acquire(&*env.store, &k, Some(&fa), now, cx).await?;
+    acquire(&*env.store, &k, Some(&fa), env.clock.now(), cx).await?;
     for policy in [TxPolicy::Wait, TxPolicy::NoWait] {
-        mismatch(
-            "live lease",
-            tx(f, b, &k, Some(fb), policy, plan(1, TxEnd::Commit)).await,
-        )?;
+        let what = other(&format!("live lease ({policy:?})"));
+        let call = env.tx(&k, 1).fp(Some(fb)).policy(policy);
+        call.refused(Refusal::Mismatch, &what).await?;
     }
     // An expired lease-mode claim: no reclaim for another payload, and nothing changes.
     let before = record(&*env.store, &k).await?;
     env.clock.advance(cx.lease());
-    mismatch(
-        "reclaim",
-        tx(f, b, &k, Some(fb), TxPolicy::Wait, plan(1, TxEnd::Commit)).await,
-    )?;
+    env.tx(&k, 1)
+        .fp(Some(fb))
+        .refused(Refusal::Mismatch, &other("reclaim"))
+        .await?;
     ensure!(
         record(&*env.store, &k).await? == before,
         "a mismatched transactional reclaim changed the record"
     );
-    let r = tx(f, b, &k, Some(fa), TxPolicy::Wait, plan(1, TxEnd::Commit))
-        .await
-        .map_err(run_err)?;
-    ensure!(!r.replayed, "the matching reclaim did not execute: {r:?}");
+    env.tx(&k, 1)
+        .fp(Some(fa))
+        .fresh("the matching reclaim")
+        .await?;
     // A transaction still open: a Wait duplicate with another payload waits, then mismatches.
     let k = key("tx-mismatch", "open")?;
     let gate = Gate::new();
-    let (b1, k1, op) = (b.clone(), k.clone(), f.operation(&k, gated(1, &gate)));
-    let holder =
-        tokio::spawn(async move { b1.transaction(&k1, Some(fa), TxPolicy::Wait, op).await });
+    let holder = env.tx(&k, 1).fp(Some(fa)).end(gate.end()).spawn();
     within(cx, "the holder reaching its gate", gate.entered(1)).await?;
-    let (b2, k2, op) = (
-        b.clone(),
-        k.clone(),
-        f.operation(&k, plan(1, TxEnd::Commit)),
-    );
-    let waiter =
-        tokio::spawn(async move { b2.transaction(&k2, Some(fb), TxPolicy::Wait, op).await });
-    let no_wait = within(
-        cx,
-        "a NoWait duplicate",
-        tx(f, b, &k, Some(fb), TxPolicy::NoWait, plan(1, TxEnd::Commit)),
-    )
-    .await?;
+    let waiter = env.tx(&k, 1).fp(Some(fb)).spawn();
+    let no_wait = env.tx(&k, 1).fp(Some(fb)).policy(TxPolicy::NoWait);
+    let no_wait = within(cx, "a NoWait duplicate", no_wait.run()).await?;
     ensure!(
         matches!(
             no_wait,
@@ -511,19 +490,11 @@ where
         "NoWait with another payload beside an open transaction answered {no_wait:?}"
     );
     gate.open(TxEnd::Commit);
-    within(cx, "the holder", holder)
-        .await?
-        .map_err(|e| e.to_string())?
-        .map_err(run_err)?;
-    let waited = within(cx, "the waiting duplicate", waiter)
-        .await?
-        .map_err(|e| e.to_string())?;
-    mismatch("after waiting for an open transaction", waited)?;
-    ensure!(
-        rows(f, &env.store, &k).await? == 1,
-        "mismatched duplicates wrote rows"
-    );
-    Ok(())
+    joined(cx, "the holder", holder).await?.map_err(run_err)?;
+    let waited = joined(cx, "the waiting duplicate", waiter).await?;
+    let what = other("after waiting for an open transaction");
+    refused(Refusal::Mismatch, &what, &waited)?;
+    env.expect_rows(&k, 1, "after mismatched duplicates").await
 }
 
 pub(crate) async fn reclaim_fencing<F>(f: &F, cx: &Cx) -> Check
@@ -531,25 +502,14 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
+    let env = TxEnv::new(f, cx).await?;
     let s = &*env.store;
     let k = key("tx-fencing", "expired")?;
     let zombie = acquire(s, &k, None, env.clock.now(), cx).await?;
     env.clock.advance(cx.lease() + Duration::from_millis(1));
-    let r = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::Wait,
-        plan(2, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
-    ensure!(
-        !r.replayed,
-        "the transaction did not reclaim the expired lease: {r:?}"
-    );
+    env.tx(&k, 2)
+        .fresh("the transaction on a key with an expired lease (it must reclaim it)")
+        .await?;
     let rec = record(s, &k).await?;
     ensure!(
         rec.token > zombie.token && matches!(rec.state, State::Completed { .. }),
@@ -557,86 +517,41 @@ where
         zombie.token
     );
     let now = env.clock.now();
-    let resp = b"\x01\"zombie\"";
-    lease_lost(
-        "the zombie's complete",
-        s.complete(&zombie, resp, cx.expiry(now), now).await,
-    )?;
-    lease_lost(
-        "the zombie's fail",
-        s.fail(&zombie, resp, cx.expiry(now), now).await,
-    )?;
-    lease_lost(
-        "the zombie's extend",
-        s.extend(&zombie, cx.deadlines(now), now).await,
-    )?;
-    lease_lost("the zombie's release", s.release(&zombie, now).await)?;
+    fenced(s, &zombie, ZOMBIE, now, cx, "the zombie").await?;
     ensure!(
         record(s, &k).await? == rec,
         "the zombie's writes changed the record"
     );
-    ensure!(
-        rows(f, s, &k).await? == 2,
-        "rows after the reclaim: expected 2"
-    );
+    env.expect_rows(&k, 2, "after the reclaim").await?;
 
     // A released lease-mode claim: the transaction acquires with a new token.
     let k = key("tx-fencing", "released")?;
     let l = acquire(s, &k, None, now, cx).await?;
     s.release(&l, now).await.map_err(err)?;
-    tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::NoWait,
-        plan(1, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
+    env.tx(&k, 1)
+        .policy(TxPolicy::NoWait)
+        .answer("a transaction after a release")
+        .await?;
     ensure!(
         record(s, &k).await?.token > l.token,
         "a transaction after a release reused the token"
     );
-    lease_lost(
-        "complete after release",
-        s.complete(&l, resp, cx.expiry(now), now).await,
-    )?;
+    env.zombie_complete(&l, "complete after release").await?;
 
     // A rolled-back transaction, then lease mode: the lease-mode outcome is the key's one.
     let k = key("tx-fencing", "after-rollback")?;
-    let r = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::Wait,
-        plan(1, TxEnd::Retryable),
-    )
-    .await;
-    ensure!(
-        matches!(r, Err(RunError::Operation(_))),
-        "a retryable failure answered {r:?}"
-    );
+    env.tx(&k, 1)
+        .end(TxEnd::Retryable)
+        .refused(Refusal::RolledBack, "a retryable failure")
+        .await?;
     let executions = AtomicU32::new(0);
     charge(&env.barrier, &k, None, &executions, Duration::ZERO)
         .await
         .map_err(run_err)?;
-    let r = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::Wait,
-        plan(1, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
-    ensure!(
-        r.replayed && r.outcome == Outcome::Completed(100) && rows(f, s, &k).await? == 0,
-        "a transaction after a lease-mode completion answered {r:?}"
-    );
-    Ok(())
+    let what = "a transaction after a lease-mode completion";
+    let r = env.tx(&k, 1).replay(what).await?;
+    outcome(what, &r, Outcome::Completed(100))?;
+    env.expect_rows(&k, 0, what).await
 }
 
 pub(crate) async fn interleaving<F>(f: &F, cx: &Cx) -> Check
@@ -644,61 +559,37 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
+    let env = TxEnv::new(f, cx).await?;
     for round in 0..(TX_ROUNDS * cx.scale()) {
         let k = key("tx-interleaving", &format!("k{round}"))?;
         let executions = Arc::new(AtomicU32::new(0));
-        let start = Arc::new(tokio::sync::Barrier::new(TX_DUPLICATES));
-        let tasks: Vec<_> = (0..TX_DUPLICATES)
-            .map(|i| {
-                let (b, k, ex, start) = (
-                    env.barrier.clone(),
-                    k.clone(),
-                    Arc::clone(&executions),
-                    Arc::clone(&start),
-                );
-                let policy = if i % 4 < 2 {
-                    TxPolicy::Wait
+        let hold = Duration::from_millis(5);
+        let tasks = at_once((0..TX_DUPLICATES).map(|i| {
+            let policy = if i % 4 < 2 {
+                TxPolicy::Wait
+            } else {
+                TxPolicy::NoWait
+            };
+            let tx = env.tx(&k, 1).policy(policy).hold(hold).detached();
+            let (b, k, ex) = (env.barrier.clone(), k.clone(), Arc::clone(&executions));
+            async move {
+                if i % 2 == 0 {
+                    charge(&b, &k, None, &ex, hold).await
                 } else {
-                    TxPolicy::NoWait
-                };
-                let op = f.operation(
-                    &k,
-                    TxPlan {
-                        rows: 1,
-                        hold: Duration::from_millis(5),
-                        end: TxEnd::Commit,
-                    },
-                );
-                tokio::spawn(async move {
-                    start.wait().await;
-                    if i % 2 == 0 {
-                        charge(&b, &k, None, &ex, Duration::from_millis(5)).await
-                    } else {
-                        b.transaction(&k, None, policy, op).await
-                    }
-                })
-            })
-            .collect();
-        let (mut fresh, mut replays, mut busy) = (0, 0, 0);
-        for t in tasks {
-            match within(cx, "an interleaved call", t)
-                .await?
-                .map_err(|e| e.to_string())?
-            {
-                Ok(r) if r.replayed => replays += 1,
-                Ok(_) => fresh += 1,
-                Err(RunError::Barrier(Error::InProgress { .. })) => busy += 1,
-                Err(e) => return Err(format!("round {round}: {}", run_err(e))),
+                    tx.await
+                }
             }
-        }
-        let (ran, n) = (
-            executions.load(Ordering::SeqCst),
-            rows(f, &env.store, &k).await?,
-        );
+        }));
+        let what = format!("round {round}");
+        let Tally {
+            fresh,
+            replays,
+            busy,
+        } = tally(cx, tasks, true, &what).await?;
+        let (ran, n) = (executions.load(Ordering::SeqCst), env.rows(&k).await?);
         ensure!(
             fresh == 1 && u64::from(ran) + n == 1,
-            "round {round}: lease-mode and transactional duplicates: {fresh} fresh outcomes, \
+            "{what}: lease-mode and transactional duplicates: {fresh} fresh outcomes, \
              {replays} replays, {busy} in progress; {ran} lease-mode executions and {n} \
              transactional rows (exactly one effect expected)"
         );
@@ -711,21 +602,14 @@ where
     F: TxFactory,
     F::Store: TransactionalStore,
 {
-    let env = env(f, cx).await?;
+    let env = TxEnv::new(f, cx).await?;
     // Wait, through several attempts that roll back: the attempts run one at a time, no
     // duplicate gives up, and exactly one commits.
     let k = key("tx-wait", "rollbacks")?;
     let gate = Gate::new();
     let mut tasks = Vec::new();
     for i in 0..TX_DUPLICATES {
-        let (b, k2, op) = (
-            env.barrier.clone(),
-            k.clone(),
-            f.operation(&k, gated(1, &gate)),
-        );
-        tasks.push(tokio::spawn(async move {
-            b.transaction(&k2, None, TxPolicy::Wait, op).await
-        }));
+        tasks.push(env.tx(&k, 1).end(gate.end()).spawn());
         if i == 0 {
             within(cx, "the first attempt reaching its gate", gate.entered(1)).await?;
         }
@@ -742,10 +626,7 @@ where
     gate.open(TxEnd::Commit);
     let (mut fresh, mut replays, mut rolled_back, mut other) = (0, 0, 0, Vec::new());
     for t in tasks {
-        match within(cx, "a waiting duplicate", t)
-            .await?
-            .map_err(|e| e.to_string())?
-        {
+        match joined(cx, "a waiting duplicate", t).await? {
             Ok(r) if r.replayed => replays += 1,
             Ok(_) => fresh += 1,
             Err(RunError::Operation(_)) => rolled_back += 1,
@@ -768,62 +649,29 @@ where
         gate.total_entered(),
         TX_ROLLBACKS + 1
     );
-    ensure!(
-        rows(f, &env.store, &k).await? == 1,
-        "Wait: rows after the rollbacks: expected 1"
-    );
+    env.expect_rows(&k, 1, "Wait: after the rollbacks").await?;
 
     // NoWait beside an open transaction answers at once: the holder stays at its gate until
     // every NoWait duplicate has answered, so one that waited would never answer.
     let k = key("tx-wait", "no-wait")?;
     let gate = Gate::new();
-    let (b, k2, op) = (
-        env.barrier.clone(),
-        k.clone(),
-        f.operation(&k, gated(1, &gate)),
-    );
-    let holder = tokio::spawn(async move { b.transaction(&k2, None, TxPolicy::NoWait, op).await });
+    let no_wait = || env.tx(&k, 1).policy(TxPolicy::NoWait);
+    let holder = no_wait().end(gate.end()).spawn();
     within(cx, "the holder reaching its gate", gate.entered(1)).await?;
     for i in 0..3 {
         let r = within(
             cx,
             "a NoWait duplicate beside an open transaction (NoWait must not wait)",
-            tx(
-                f,
-                &env.barrier,
-                &k,
-                None,
-                TxPolicy::NoWait,
-                plan(1, TxEnd::Commit),
-            ),
+            no_wait().run(),
         )
         .await?;
-        ensure!(
-            matches!(r, Err(RunError::Barrier(Error::InProgress { .. }))),
-            "NoWait duplicate {i} beside an open transaction answered {r:?}"
-        );
+        let what = format!("NoWait duplicate {i} beside an open transaction");
+        refused(Refusal::InProgress, &what, &r)?;
     }
     gate.open(TxEnd::Commit);
-    within(cx, "the holder", holder)
-        .await?
-        .map_err(|e| e.to_string())?
-        .map_err(run_err)?;
-    let r = tx(
-        f,
-        &env.barrier,
-        &k,
-        None,
-        TxPolicy::NoWait,
-        plan(1, TxEnd::Commit),
-    )
-    .await
-    .map_err(run_err)?;
-    ensure!(r.replayed, "NoWait after the commit answered {r:?}");
-    ensure!(
-        rows(f, &env.store, &k).await? == 1,
-        "NoWait: rows: expected 1"
-    );
-    Ok(())
+    joined(cx, "the holder", holder).await?.map_err(run_err)?;
+    no_wait().replay("NoWait after the commit").await?;
+    env.expect_rows(&k, 1, "NoWait").await
 }
 
 pub(crate) async fn retention<F>(f: &F, cx: &Cx) -> Check
@@ -832,12 +680,13 @@ where
     F::Store: TransactionalStore,
 {
     for end in [TxEnd::Commit, TxEnd::Permanent] {
-        let env = env(f, cx).await?;
+        let env = TxEnv::new(f, cx).await?;
         let k = key("tx-retention", &format!("{end:?}"))?;
         let at = env.clock.now();
-        tx(f, &env.barrier, &k, None, TxPolicy::Wait, plan(1, end))
-            .await
-            .map_err(run_err)?;
+        env.tx(&k, 1)
+            .end(end)
+            .answer(&format!("a transactional {end:?}"))
+            .await?;
         let expires = cx.expiry(at);
         let rec = record(&*env.store, &k).await?;
         ensure!(
@@ -852,56 +701,22 @@ where
             "purge before a transactional outcome's expires_at deleted it"
         );
         env.clock.set(early);
-        let r = tx(
-            f,
-            &env.barrier,
-            &k,
-            None,
-            TxPolicy::Wait,
-            plan(1, TxEnd::Commit),
-        )
-        .await
-        .map_err(run_err)?;
-        ensure!(
-            r.replayed,
-            "a transactional outcome inside its retention did not replay: {r:?}"
-        );
+        env.tx(&k, 1)
+            .replay("a transactional outcome inside its retention")
+            .await?;
         // Past retention but not purged: still replays.
         env.clock.set(expires.plus(TTL_TRAP_JUMP));
-        let r = tx(
-            f,
-            &env.barrier,
-            &k,
-            None,
-            TxPolicy::Wait,
-            plan(1, TxEnd::Commit),
-        )
-        .await
-        .map_err(run_err)?;
-        ensure!(
-            r.replayed,
-            "a transactional outcome past retention, not purged, answered {r:?}"
-        );
+        env.tx(&k, 1)
+            .replay("a transactional outcome past retention but not purged")
+            .await?;
         ensure!(
             env.store.purge(expires, 100).await.map_err(err)? == 1,
             "purge at a transactional outcome's expires_at did not delete it"
         );
-        let r = tx(
-            f,
-            &env.barrier,
-            &k,
-            None,
-            TxPolicy::Wait,
-            plan(1, TxEnd::Commit),
-        )
-        .await
-        .map_err(run_err)?;
-        ensure!(!r.replayed, "a purged transactional key replayed {r:?}");
+        env.tx(&k, 1).fresh("a purged transactional key").await?;
         let want = if end == TxEnd::Commit { 2 } else { 1 };
-        ensure!(
-            rows(f, &env.store, &k).await? == want,
-            "rows after purge and re-execution: expected {want}"
-        );
+        env.expect_rows(&k, want, "after purge and re-execution")
+            .await?;
     }
     Ok(())
 }
