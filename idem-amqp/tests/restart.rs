@@ -5,20 +5,21 @@
 //! test's publisher and consumer open a new connection and retry what failed. At the end
 //! every message has exactly one effect in a SQLite ledger, written in the barrier's
 //! transactional mode into a table without a unique constraint, so a duplicate would show
-//! as a second row, and a lost message as a missing one.
+//! as a second row, and a lost message as a missing one (the shared run of
+//! `idem_broker::testkit::restart`; this file provides the RabbitMQ side).
 //!
 //! Skipped with a note when RabbitMQ is not installed, unless `IDEM_TEST_REQUIRE` names
 //! `rabbitmq`. Every wait is bounded (liveness only); nothing asserts on timing.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use idem_amqp::{AmqpMessage, AmqpPublisher};
-use idem_broker::testkit::{effects, retry, wait_until, Progress, ATTEMPT_BOUND, LIVENESS, PAUSE};
-use idem_broker::{ConsumeError, ConsumerBarrier, Handled};
-use idem_core::{Barrier, Failure, Key};
-use idem_sqlite::{SqliteOperation, SqliteStore};
+use idem_broker::testkit::restart::{self, Restartable, Run, Stats, MESSAGES};
+use idem_broker::testkit::{effects, retry, Progress, ATTEMPT_BOUND, LIVENESS, PAUSE};
+use idem_broker::ConsumerBarrier;
+use idem_sqlite::SqliteStore;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -26,71 +27,9 @@ use lapin::{Channel, Connection, ConnectionProperties};
 mod common;
 use common::PrivateBroker;
 
-/// Messages published.
-const MESSAGES: usize = 200;
-/// How many messages the publisher may be ahead of the consumer.
-const LEAD: usize = MESSAGES / 4;
 const QUEUE: &str = "idem-restart-orders";
-const SCOPE: &str = "ledger";
 
 type Ledger = ConsumerBarrier<SqliteStore, AmqpMessage>;
-
-/// What the publisher and the consumer went through.
-#[derive(Default)]
-struct Stats {
-    published: AtomicUsize,
-    publish_retries: AtomicUsize,
-    /// Connection attempts that failed (the node was down or booting).
-    reconnects: AtomicUsize,
-    deliveries: AtomicUsize,
-    /// Handled for the first time and acked (one whose ack failed is a settle error).
-    applied: AtomicUsize,
-    replayed: AtomicUsize,
-    naked: AtomicUsize,
-    settle_errors: AtomicUsize,
-    barrier_errors: AtomicUsize,
-    get_errors: AtomicUsize,
-    /// Outcomes that must not happen (a failure, a rejection), described.
-    unexpected: Mutex<Vec<String>>,
-}
-
-impl Stats {
-    fn count(counter: &AtomicUsize) -> usize {
-        counter.fetch_add(1, Ordering::SeqCst)
-    }
-
-    fn get(counter: &AtomicUsize) -> usize {
-        counter.load(Ordering::SeqCst)
-    }
-}
-
-impl Progress for Stats {
-    fn summary(&self) -> String {
-        format!(
-            "{} published ({} publish retries); {} failed connection attempts; {} deliveries: {} applied, \
-             {} replayed, {} naked, {} settle errors, {} barrier errors; {} get errors",
-            Self::get(&self.published),
-            Self::get(&self.publish_retries),
-            Self::get(&self.reconnects),
-            Self::get(&self.deliveries),
-            Self::get(&self.applied),
-            Self::get(&self.replayed),
-            Self::get(&self.naked),
-            Self::get(&self.settle_errors),
-            Self::get(&self.barrier_errors),
-            Self::get(&self.get_errors),
-        )
-    }
-
-    fn assert_expected(&self) {
-        let unexpected = self.unexpected.lock().unwrap();
-        assert!(unexpected.is_empty(), "unexpected outcomes: {unexpected:?}");
-    }
-}
-
-fn key(i: usize) -> Key {
-    Key::new("producer", format!("order-{i:03}")).unwrap()
-}
 
 /// A connection and a channel on it, with the durable queue declared.
 async fn open(url: &str) -> Result<(Connection, Channel), lapin::Error> {
@@ -139,18 +78,15 @@ async fn open_publisher(url: &str) -> Result<(Connection, AmqpPublisher), String
     Ok((connection, publisher))
 }
 
-/// Publishes every message in order, at most [`LEAD`] messages ahead of the consumer,
-/// each until it is confirmed; after a failure on a new connection (a message confirmed
-/// before the failure but whose confirm was lost is published twice, which the barrier
-/// replays).
+/// Publishes every message in order, at most [`restart::LEAD`] messages ahead of the
+/// consumer, each until it is confirmed; after a failure on a new connection (a message
+/// confirmed before the failure but whose confirm was lost is published twice, which the
+/// barrier replays).
 async fn publish_all(url: &str, stats: &Stats) {
     let mut session = None;
     for i in 0..MESSAGES {
-        wait_until("the consumer catches up", stats, || {
-            Stats::get(&stats.applied) + LEAD > i
-        })
-        .await;
-        let key = key(i);
+        restart::wait_for_the_consumer(stats, i).await;
+        let key = restart::key(i);
         let started = Instant::now();
         loop {
             let (_, publisher) = match &session {
@@ -165,7 +101,7 @@ async fn publish_all(url: &str, stats: &Stats) {
             };
             let sent = tokio::time::timeout(
                 ATTEMPT_BOUND,
-                publisher.send(&key, QUEUE, format!("+{i}").as_bytes()),
+                publisher.send(&key, QUEUE, &restart::payload(i)),
             )
             .await;
             if let Ok(Ok(())) = sent {
@@ -214,53 +150,18 @@ async fn consume(url: String, barrier: Ledger, stats: Arc<Stats>, published: Arc
                 continue;
             }
             Ok(Err(_)) | Err(_) => {
-                Stats::count(&stats.get_errors);
+                Stats::count(&stats.fetch_errors);
                 session = None;
                 tokio::time::sleep(PAUSE).await;
                 continue;
             }
         };
         Stats::count(&stats.deliveries);
-        if !handle(&barrier, &message, &stats).await {
+        // A refused settlement: the unacked message comes back on a new connection.
+        if !restart::handle(&barrier, &message, &stats).await {
             session = None;
         }
     }
-}
-
-/// Applies one message in transactional mode: the ledger row, the key and the outcome
-/// commit together. `false` if the channel failed.
-async fn handle(barrier: &Ledger, message: &AmqpMessage, stats: &Stats) -> bool {
-    let handled = barrier
-        .handle_transaction(message, |incoming| {
-            let id = incoming.key.id().to_owned();
-            let op: SqliteOperation<(), String, String> = Box::new(move |tx| {
-                tx.execute("INSERT INTO effects (id) VALUES (?1)", [&id])
-                    .map_err(|e| Failure::Retryable(e.to_string()))?;
-                Ok(())
-            });
-            op
-        })
-        .await;
-    match handled {
-        Ok(Handled::Completed {
-            replayed: false, ..
-        }) => Stats::count(&stats.applied),
-        Ok(Handled::Completed { replayed: true, .. }) => Stats::count(&stats.replayed),
-        // Requeued: RabbitMQ delivers it again.
-        Ok(Handled::Retry { .. } | Handled::Busy { .. }) => Stats::count(&stats.naked),
-        // The outcome is recorded; the message, unacked, comes back and is replayed.
-        Err(ConsumeError::Settle { .. }) => {
-            Stats::count(&stats.settle_errors);
-            return false;
-        }
-        // Nothing new is recorded; the message is delivered again.
-        Err(ConsumeError::Barrier(_)) => Stats::count(&stats.barrier_errors),
-        Ok(other) => {
-            stats.unexpected.lock().unwrap().push(format!("{other:?}"));
-            0
-        }
-    };
-    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,33 +169,19 @@ async fn a_broker_restart_during_a_run_ends_with_one_effect_per_message_and_none
     let Some(mut broker) = PrivateBroker::start().await else {
         return;
     };
-    let started = Instant::now();
-    let stats = Arc::new(Stats::default());
-
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::connect(dir.path().join("ledger.db"))
-        .await
-        .unwrap();
-    // No unique constraint: a second effect of a message would be a second row.
-    store
-        .with_connection(|c| c.execute_batch("CREATE TABLE effects (id TEXT NOT NULL)"))
-        .await
-        .unwrap();
-    let barrier = ConsumerBarrier::new(Barrier::new(Arc::new(store.clone())), SCOPE)
-        .unwrap()
-        .with_retry_delay(Duration::from_millis(100));
+    let mut run = Run::new().await;
+    let stats = run.stats().clone();
 
     // RabbitMQ can lose a durable queue declared moments before a crash (its metadata
     // store writes asynchronously): the queue is declared until it has survived a SIGKILL,
     // so the run tests the messages, not the declaration.
-    let setup_retries = AtomicUsize::new(0);
     let url = broker.url();
     let mut crashes_to_declare = 0;
     loop {
-        retry("declaring the queue", &setup_retries, || open(&url)).await;
+        retry("declaring the queue", &stats.setup_retries, || open(&url)).await;
         broker.kill_and_restart().await;
         crashes_to_declare += 1;
-        if queue_exists(&url, &setup_retries).await {
+        if queue_exists(&url, &stats.setup_retries).await {
             break;
         }
         assert!(
@@ -307,7 +194,7 @@ async fn a_broker_restart_during_a_run_ends_with_one_effect_per_message_and_none
     let published = Arc::new(AtomicBool::new(false));
     let consumer = tokio::spawn(consume(
         broker.url(),
-        barrier,
+        run.consumer_barrier(),
         stats.clone(),
         published.clone(),
     ));
@@ -316,18 +203,7 @@ async fn a_broker_restart_during_a_run_ends_with_one_effect_per_message_and_none
         async move { publish_all(&url, &stats).await }
     });
 
-    // The node is killed twice while both are running: the publisher is at most LEAD
-    // messages ahead of the consumer, so neither has finished.
-    let mut at_kill = Vec::new();
-    for (restart, applied) in [MESSAGES / 4, MESSAGES * 5 / 8].into_iter().enumerate() {
-        wait_until("the run under way", &stats, || {
-            Stats::get(&stats.applied) >= applied
-        })
-        .await;
-        at_kill.push((Stats::get(&stats.published), Stats::get(&stats.applied)));
-        broker.kill_and_restart().await;
-        eprintln!("restart {}: {}", restart + 1, stats.summary());
-    }
+    run.kill_twice(&mut broker).await;
 
     tokio::time::timeout(LIVENESS, publisher)
         .await
@@ -336,44 +212,15 @@ async fn a_broker_restart_during_a_run_ends_with_one_effect_per_message_and_none
     published.store(true, Ordering::SeqCst);
     match tokio::time::timeout(LIVENESS, consumer).await {
         Ok(joined) => joined.expect("the consumer did not panic"),
-        Err(_) => {
-            let effects = effects(&store).await;
-            let missing: Vec<String> = (0..MESSAGES)
-                .map(|i| key(i).id().to_owned())
-                .filter(|id| !effects.contains_key(id))
-                .collect();
-            panic!(
-                "the consumer finishes within {LIVENESS:?}: {}; no effect for {missing:?}; \
-                 node log:\n{}",
-                stats.summary(),
-                broker.log()
-            );
-        }
+        Err(_) => panic!(
+            "the consumer finishes within {LIVENESS:?}: {}; no effect for {:?}; node log:\n{}",
+            stats.summary(),
+            restart::lost(&run.effects().await),
+            broker.log()
+        ),
     }
-    stats.assert_expected();
-
-    let effects = effects(&store).await;
-    let want: Vec<String> = (0..MESSAGES).map(|i| key(i).id().to_owned()).collect();
-    let duplicated: Vec<(&String, &u32)> = effects.iter().filter(|(_, n)| **n != 1).collect();
-    eprintln!(
-        "restart: {MESSAGES} messages, 2 SIGKILL restarts at (published, applied) {at_kill:?}; \
-         {} effects for {} ids, {} duplicated; {}; {} SIGKILLs until the queue was \
-         durable, {} setup retries; {:?}",
-        effects.values().sum::<u32>(),
-        effects.len(),
-        duplicated.len(),
-        stats.summary(),
-        crashes_to_declare,
-        Stats::get(&setup_retries),
-        started.elapsed(),
-    );
-    assert!(
-        duplicated.is_empty(),
-        "messages with more than one effect: {duplicated:?}"
-    );
-    assert_eq!(
-        effects.keys().collect::<Vec<_>>(),
-        want.iter().collect::<Vec<_>>(),
-        "the ledger holds exactly the published messages, none lost"
-    );
+    run.assert_one_effect_per_message(&format!(
+        "{crashes_to_declare} SIGKILLs until the queue was durable"
+    ))
+    .await;
 }

@@ -44,7 +44,7 @@
 //! | name | kind | labels | what |
 //! |---|---|---|---|
 //! | `idem_consumer_messages_total` | counter | `result` | every handled message: `completed`, `replayed`, `failed`, `retry`, `busy`, `rejected`, `error` |
-//! | `idem_consumer_settle_errors_total` | counter | `action` | acknowledgements (`ack`, `nak`, `term`) the broker refused |
+//! | `idem_consumer_settle_errors_total` | counter | `action` | acknowledgements (`ack`, `nak`, `term`) the broker refused or did not answer within the settle timeout |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -67,11 +67,24 @@ use serde::Serialize;
 
 /// Counter of handled messages, labelled `result`.
 pub const MESSAGES_TOTAL: &str = "idem_consumer_messages_total";
-/// Counter of acknowledgements the broker refused, labelled `action`.
+/// Counter of acknowledgements the broker refused or left unanswered, labelled `action`.
 pub const SETTLE_ERRORS_TOTAL: &str = "idem_consumer_settle_errors_total";
 
 /// The default delay before a message whose handler failed retryably is delivered again.
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// The default bound on one settlement (ack, nak, term) the broker does not answer.
+pub const DEFAULT_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A settlement the broker did not answer within the consumer's settle timeout
+/// ([`ConsumerBarrier::with_settle_timeout`]): a connection that died under it, say. The
+/// source of a [`ConsumeError::Settle`].
+#[derive(Debug, thiserror::Error)]
+#[error("the broker did not answer within {after:?}")]
+pub struct Unanswered {
+    /// How long the consumer waited (a nak's delay included).
+    pub after: Duration,
+}
 
 /// A message as a broker delivered it: what the barrier needs to read and how to settle it.
 ///
@@ -190,8 +203,8 @@ pub enum ConsumeError {
     /// message was naked (or, if the nak failed, is redelivered after the broker's timeout).
     #[error("the barrier failed; the message will be delivered again")]
     Barrier(#[source] Error),
-    /// The broker refused to settle the message. The outcome, if any, is recorded: a
-    /// redelivery replays it.
+    /// The broker refused to settle the message, or did not answer in time (the source is
+    /// then [`Unanswered`]). The outcome, if any, is recorded: a redelivery replays it.
     #[error("the broker refused to {action} the message")]
     Settle {
         /// `ack`, `nak` or `term`.
@@ -211,6 +224,7 @@ pub struct ConsumerBarrier<S: ?Sized, M> {
     scope: String,
     extractor: Option<Extractor<M>>,
     retry_delay: Duration,
+    settle_timeout: Duration,
     on_failure: FailurePolicy,
 }
 
@@ -221,6 +235,7 @@ impl<S: ?Sized, M> Clone for ConsumerBarrier<S, M> {
             scope: self.scope.clone(),
             extractor: self.extractor.clone(),
             retry_delay: self.retry_delay,
+            settle_timeout: self.settle_timeout,
             on_failure: self.on_failure,
         }
     }
@@ -233,6 +248,7 @@ impl<S: ?Sized, M> fmt::Debug for ConsumerBarrier<S, M> {
             .field("scope", &self.scope)
             .field("extractor", &self.extractor.is_some())
             .field("retry_delay", &self.retry_delay)
+            .field("settle_timeout", &self.settle_timeout)
             .field("on_failure", &self.on_failure)
             .finish()
     }
@@ -250,6 +266,7 @@ impl<S: ?Sized, M: Delivery> ConsumerBarrier<S, M> {
             scope,
             extractor: None,
             retry_delay: DEFAULT_RETRY_DELAY,
+            settle_timeout: DEFAULT_SETTLE_TIMEOUT,
             on_failure: FailurePolicy::default(),
         })
     }
@@ -267,6 +284,17 @@ impl<S: ?Sized, M: Delivery> ConsumerBarrier<S, M> {
     /// failure or a barrier error ([`DEFAULT_RETRY_DELAY`]).
     pub fn with_retry_delay(mut self, delay: Duration) -> Self {
         self.retry_delay = delay;
+        self
+    }
+
+    /// How long one settlement (ack, nak, term; a nak's delay comes on top) may go
+    /// unanswered before it counts as failed ([`DEFAULT_SETTLE_TIMEOUT`]): the handler's
+    /// call then returns [`ConsumeError::Settle`] with [`Unanswered`] as its source instead
+    /// of waiting forever on a connection that died. Liveness only: the message is still
+    /// unsettled, so the broker delivers it again and the barrier replays its outcome.
+    /// Requires a Tokio runtime with the time driver.
+    pub fn with_settle_timeout(mut self, timeout: Duration) -> Self {
+        self.settle_timeout = timeout;
         self
     }
 
@@ -299,6 +327,25 @@ impl<S: ?Sized, M: Delivery> ConsumerBarrier<S, M> {
         Key::new(self.scope.clone(), id).map_err(Rejected::InvalidKey)
     }
 
+    /// Awaits one settlement, for at most the settle timeout plus `delay` (a nak's own
+    /// wait), counting and typing a refusal or a silence.
+    async fn settle_one(
+        &self,
+        action: &'static str,
+        delay: Duration,
+        call: impl Future<Output = Result<(), BoxError>>,
+    ) -> Result<(), ConsumeError> {
+        let after = self.settle_timeout.saturating_add(delay);
+        let answered = match tokio::time::timeout(after, call).await {
+            Ok(answered) => answered,
+            Err(_) => Err(Box::new(Unanswered { after }) as BoxError),
+        };
+        answered.map_err(|source| {
+            metrics::counter!(SETTLE_ERRORS_TOTAL, "action" => action).increment(1);
+            ConsumeError::Settle { action, source }
+        })
+    }
+
     /// Settles `message` according to the barrier's answer.
     async fn settle<T, F, E>(
         &self,
@@ -310,7 +357,8 @@ impl<S: ?Sized, M: Delivery> ConsumerBarrier<S, M> {
                 outcome: Outcome::Completed(value),
                 replayed,
             }) => {
-                settle("ack", message.ack()).await?;
+                self.settle_one("ack", Duration::ZERO, message.ack())
+                    .await?;
                 let label = if replayed { "replayed" } else { "completed" };
                 (Handled::Completed { value, replayed }, label)
             }
@@ -319,18 +367,25 @@ impl<S: ?Sized, M: Delivery> ConsumerBarrier<S, M> {
                 replayed,
             }) => {
                 match self.on_failure {
-                    FailurePolicy::Terminate => settle("term", message.term()).await?,
-                    FailurePolicy::Ack => settle("ack", message.ack()).await?,
+                    FailurePolicy::Terminate => {
+                        self.settle_one("term", Duration::ZERO, message.term())
+                            .await?
+                    }
+                    FailurePolicy::Ack => {
+                        self.settle_one("ack", Duration::ZERO, message.ack())
+                            .await?
+                    }
                 }
                 (Handled::Failed { failure, replayed }, "failed")
             }
             Err(RunError::Operation(error)) => {
                 let delay = self.retry_delay;
-                settle("nak", message.nak(delay)).await?;
+                self.settle_one("nak", delay, message.nak(delay)).await?;
                 (Handled::Retry { error, delay }, "retry")
             }
             Err(RunError::Barrier(Error::InProgress { retry_after })) => {
-                settle("nak", message.nak(retry_after)).await?;
+                self.settle_one("nak", retry_after, message.nak(retry_after))
+                    .await?;
                 (Handled::Busy { retry_after }, "busy")
             }
             Err(RunError::Barrier(Error::Mismatch)) => {
@@ -338,7 +393,10 @@ impl<S: ?Sized, M: Delivery> ConsumerBarrier<S, M> {
             }
             Err(RunError::Barrier(e)) => {
                 metrics::counter!(MESSAGES_TOTAL, "result" => "error").increment(1);
-                if let Err(nak) = settle("nak", message.nak(self.retry_delay)).await {
+                if let Err(nak) = self
+                    .settle_one("nak", self.retry_delay, message.nak(self.retry_delay))
+                    .await
+                {
                     tracing::warn!(error = %nak, "could not nak a message after a barrier error; the broker redelivers it after its timeout");
                 }
                 return Err(ConsumeError::Barrier(e));
@@ -355,7 +413,8 @@ impl<S: ?Sized, M: Delivery> ConsumerBarrier<S, M> {
         why: Rejected,
     ) -> Result<Handled<T, F, E>, ConsumeError> {
         tracing::warn!(reason = %why, "terminating a message the barrier cannot handle");
-        settle("term", message.term()).await?;
+        self.settle_one("term", Duration::ZERO, message.term())
+            .await?;
         metrics::counter!(MESSAGES_TOTAL, "result" => "rejected").increment(1);
         Ok(Handled::Rejected(why))
     }
@@ -429,15 +488,4 @@ impl<S: TransactionalStore + 'static, M: Delivery> ConsumerBarrier<S, M> {
             .await;
         self.settle(message, result).await
     }
-}
-
-/// Awaits one settlement, counting and typing a refusal.
-async fn settle(
-    action: &'static str,
-    call: impl Future<Output = Result<(), BoxError>>,
-) -> Result<(), ConsumeError> {
-    call.await.map_err(|source| {
-        metrics::counter!(SETTLE_ERRORS_TOTAL, "action" => action).increment(1);
-        ConsumeError::Settle { action, source }
-    })
 }

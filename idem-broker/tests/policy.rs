@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_broker::{ConsumerBarrier, Delivery, FailurePolicy, Handled, Rejected};
+use idem_broker::{
+    ConsumeError, ConsumerBarrier, Delivery, FailurePolicy, Handled, Rejected, Unanswered,
+};
 use idem_core::{Barrier, BoxError, Failure};
 use idem_sqlite::{SqliteOperation, SqliteStore};
 
@@ -14,6 +16,8 @@ struct Message {
     id: Option<String>,
     body: Vec<u8>,
     settled: Arc<Mutex<Vec<String>>>,
+    /// The broker never answers this delivery's ack (its connection died under it).
+    silent: bool,
 }
 
 impl Message {
@@ -22,6 +26,7 @@ impl Message {
             id: id.map(str::to_owned),
             body: body.to_vec(),
             settled: Arc::default(),
+            silent: false,
         }
     }
 
@@ -38,6 +43,9 @@ impl Delivery for Message {
         &self.body
     }
     async fn ack(&self) -> Result<(), BoxError> {
+        if self.silent {
+            std::future::pending::<()>().await;
+        }
         self.settled.lock().unwrap().push("ack".into());
         Ok(())
     }
@@ -242,4 +250,46 @@ async fn in_transactional_mode_the_handlers_writes_commit_with_the_key() {
         .await
         .unwrap();
     assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn an_ack_the_broker_never_answers_fails_after_the_settle_timeout_and_the_redelivery_replays()
+{
+    let (c, _dir) = consumer().await;
+    let c = c.with_settle_timeout(Duration::from_millis(50));
+    let effects = &AtomicU32::new(0);
+    let handler = |_, _| async move { Ok(effects.fetch_add(1, Ordering::SeqCst) + 7) };
+    let silent = Message {
+        silent: true,
+        ..Message::new(Some("order-9"), b"+100")
+    };
+    let h: Result<Outcome, _> = c.handle(&silent, handler).await;
+    match h {
+        Err(ConsumeError::Settle { action, source }) => {
+            assert_eq!(action, "ack");
+            let unanswered = source.downcast_ref::<Unanswered>();
+            assert_eq!(
+                unanswered.map(|u| u.after),
+                Some(Duration::from_millis(50)),
+                "{source}"
+            );
+        }
+        other => panic!("an unanswered ack answered {other:?}"),
+    }
+    assert!(silent.settled().is_empty());
+    // The outcome was recorded before the ack: the redelivery replays it and is acked.
+    let again = Message::new(Some("order-9"), b"+100");
+    let h: Outcome = c.handle(&again, handler).await.unwrap();
+    assert!(
+        matches!(
+            h,
+            Handled::Completed {
+                value: 7,
+                replayed: true
+            }
+        ),
+        "{h:?}"
+    );
+    assert_eq!(again.settled(), ["ack"]);
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
 }

@@ -1,15 +1,15 @@
 //! The consumer barrier on a real NATS JetStream server (`IDEM_NATS_URL`, default
 //! `nats://127.0.0.1:4222`), skipped with a note when it is unreachable unless
-//! `IDEM_TEST_REQUIRE` names `nats`.
+//! `IDEM_TEST_REQUIRE` names `nats`. The scenarios are the shared ones of
+//! `idem_broker::testkit::scenarios`; this file provides the JetStream fixture.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, stream};
 use futures::StreamExt;
-use idem_broker::{ConsumerBarrier, Delivery, Handled};
-use idem_core::{Barrier, Failure, Fingerprint, Key, Response, State, Store};
+use idem_broker::testkit::{run, scenarios, Deliveries, TempStore, TestBroker};
+use idem_broker::ConsumerBarrier;
+use idem_core::Key;
 use idem_nats::{publish, JetStreamMessage};
 use idem_sqlite::SqliteStore;
 
@@ -25,19 +25,42 @@ fn url() -> String {
     std::env::var("IDEM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
 }
 
-/// A fresh stream with one durable pull consumer, deleted when dropped.
+/// A fresh stream with one durable pull consumer, and a consumer barrier on a fresh store.
 struct Fixture {
     js: jetstream::Context,
     stream: String,
     subject: String,
     consumer: PullConsumer,
     barrier: ConsumerBarrier<SqliteStore, JetStreamMessage>,
-    _dir: tempfile::TempDir,
+    _store: TempStore,
 }
 
 impl Fixture {
+    /// The next message within `wait`, or `None`.
+    async fn try_next(&self, wait: Duration) -> Option<JetStreamMessage> {
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(1)
+            .expires(wait)
+            .messages()
+            .await
+            .unwrap();
+        batch
+            .next()
+            .await
+            .map(|m| JetStreamMessage::from(m.unwrap()))
+    }
+}
+
+impl TestBroker for Fixture {
+    type Message = JetStreamMessage;
+    /// A pull consumer that "crashes" by dropping its message unacked.
+    type Crashing = ();
+    const DEDUPLICATES: bool = true;
+
     /// `None` (after printing why) when the server is unreachable, unless required.
-    async fn new(name: &str) -> Option<Fixture> {
+    async fn open(name: &str) -> Option<Fixture> {
         let connected = tokio::time::timeout(
             Duration::from_secs(5),
             async_nats::ConnectOptions::new()
@@ -75,60 +98,25 @@ impl Fixture {
             })
             .await
             .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::connect(dir.path().join("idem.db"))
-            .await
-            .unwrap();
-        let barrier = ConsumerBarrier::new(Barrier::new(Arc::new(store)), "ledger")
-            .unwrap()
-            .with_retry_delay(Duration::from_millis(100));
+        let store = TempStore::new().await;
         Some(Fixture {
             js,
             stream,
             subject,
             consumer,
-            barrier,
-            _dir: dir,
+            barrier: store.consumer_barrier(),
+            _store: store,
         })
-    }
-
-    /// The next message for the consumer, waiting for a redelivery if need be.
-    async fn next(&self) -> JetStreamMessage {
-        self.try_next(Duration::from_secs(30))
-            .await
-            .expect("a message was delivered")
-    }
-
-    /// The next message within `wait`, or `None`.
-    async fn try_next(&self, wait: Duration) -> Option<JetStreamMessage> {
-        let mut batch = self
-            .consumer
-            .fetch()
-            .max_messages(1)
-            .expires(wait)
-            .messages()
-            .await
-            .unwrap();
-        batch
-            .next()
-            .await
-            .map(|m| JetStreamMessage::from(m.unwrap()))
-    }
-
-    /// Asserts that nothing is left to deliver, after every ack wait has passed.
-    async fn assert_drained(&self) {
-        let left = self.try_next(ACK_WAIT * 3).await;
-        assert!(
-            left.is_none(),
-            "nothing is redelivered: {:?}",
-            left.map(|m| m.delivered())
-        );
     }
 
     /// Deletes the stream (at the end of a test that passed; a failed test leaves it for
     /// inspection).
     async fn delete(self) {
         self.js.delete_stream(&self.stream).await.unwrap();
+    }
+
+    fn barrier(&self) -> &ConsumerBarrier<SqliteStore, JetStreamMessage> {
+        &self.barrier
     }
 
     async fn publish(&self, id: &str, payload: &[u8]) -> bool {
@@ -138,238 +126,104 @@ impl Fixture {
             .unwrap()
             .duplicate
     }
-}
 
-type Ledger = Handled<u32, String, String>;
+    /// Publishes again until JetStream takes the copy, past the de-duplication window.
+    async fn publish_copy(&self, id: &str, payload: &[u8]) {
+        let mut accepted_again = false;
+        while !accepted_again {
+            tokio::time::sleep(DUPLICATE_WINDOW).await;
+            accepted_again = !self.publish(id, payload).await;
+        }
+    }
+
+    async fn publish_raw(&self, message_id: Option<&str>, payload: &[u8]) {
+        let mut message = jetstream::message::PublishMessage::build();
+        if let Some(id) = message_id {
+            message = message.message_id(id);
+        }
+        self.js
+            .send_publish(
+                self.subject.clone(),
+                message.payload(payload.to_vec().into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    async fn next(&self) -> JetStreamMessage {
+        self.try_next(Duration::from_secs(30))
+            .await
+            .expect("a message was delivered")
+    }
+
+    fn deliveries(message: &JetStreamMessage) -> Deliveries {
+        Deliveries::Counted(message.delivered())
+    }
+
+    async fn next_to_crash(&self) -> (JetStreamMessage, ()) {
+        (self.next().await, ())
+    }
+
+    /// Drops `message` unacked: JetStream delivers it again after the ack wait.
+    async fn crash(&self, (): (), message: JetStreamMessage) {
+        drop(message);
+    }
+
+    /// Nothing is delivered, even after every ack wait has passed.
+    async fn assert_drained(&self) {
+        let left = self.try_next(ACK_WAIT * 3).await;
+        assert!(
+            left.is_none(),
+            "nothing is redelivered: {:?}",
+            left.map(|m| m.delivered())
+        );
+    }
+
+    /// Terminated: never redelivered, even after the ack wait.
+    async fn assert_terminated(&self, _payload: &[u8]) {
+        self.assert_drained().await;
+    }
+}
 
 #[tokio::test]
 async fn a_redelivery_after_a_consumer_crash_gives_one_effect() {
-    let Some(f) = Fixture::new("crash").await else {
-        return;
-    };
-    let effects = &AtomicU32::new(0);
-    assert!(!f.publish("order-1", b"+100").await);
-
-    // The first consumer records the outcome and crashes before it acks: exactly the
-    // barrier step `handle` runs before its ack, then the message is dropped unacked.
-    let first = f.next().await;
-    assert_eq!(first.delivered(), Some(1));
-    let key = f.barrier.key(&first).unwrap();
-    let recorded: Result<Response<u32, String>, _> = f
-        .barrier
-        .barrier()
-        .execute(
-            &key,
-            Some(Fingerprint::of_bytes(first.payload())),
-            |_| async {
-                effects.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, Failure<String, String>>(100)
-            },
-        )
-        .await;
-    assert!(!recorded.unwrap().replayed);
-    drop(first);
-
-    // JetStream redelivers after the ack wait; the restarted consumer replays and acks.
-    let again = f.next().await;
-    assert_eq!(again.delivered(), Some(2));
-    let h: Ledger = f
-        .barrier
-        .handle(&again, |_, _| async {
-            effects.fetch_add(1, Ordering::SeqCst);
-            Ok(100)
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(
-            h,
-            Handled::Completed {
-                value: 100,
-                replayed: true
-            }
-        ),
-        "{h:?}"
-    );
-    f.assert_drained().await;
-    assert_eq!(effects.load(Ordering::SeqCst), 1);
-    f.delete().await;
+    run::<Fixture>(
+        "crash",
+        scenarios::a_redelivery_after_a_consumer_crash_gives_one_effect,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_duplicate_published_past_the_dedup_window_gives_one_effect() {
-    let Some(f) = Fixture::new("dedup").await else {
-        return;
-    };
-    let effects = &AtomicU32::new(0);
-    let apply = |_, _| async move {
-        effects.fetch_add(1, Ordering::SeqCst);
-        Ok::<_, Failure<String, String>>(7)
-    };
-    assert!(!f.publish("order-2", b"+7").await);
-    // Inside the window JetStream itself drops the copy.
-    assert!(f.publish("order-2", b"+7").await, "JetStream de-duplicates");
-    let h: Ledger = f.barrier.handle(&f.next().await, apply).await.unwrap();
-    assert!(matches!(
-        h,
-        Handled::Completed {
-            replayed: false,
-            ..
-        }
-    ));
-
-    // Past the window the broker accepts the copy as a new message.
-    let mut accepted_again = false;
-    while !accepted_again {
-        tokio::time::sleep(DUPLICATE_WINDOW).await;
-        accepted_again = !f.publish("order-2", b"+7").await;
-    }
-    let copy = f.next().await;
-    assert_eq!(copy.delivered(), Some(1), "a new message, not a redelivery");
-    let h: Ledger = f.barrier.handle(&copy, apply).await.unwrap();
-    assert!(
-        matches!(
-            h,
-            Handled::Completed {
-                value: 7,
-                replayed: true
-            }
-        ),
-        "{h:?}"
-    );
-    f.assert_drained().await;
-    assert_eq!(effects.load(Ordering::SeqCst), 1);
-    f.delete().await;
+    run::<Fixture>("dedup", scenarios::a_duplicate_publish_gives_one_effect).await;
 }
 
 #[tokio::test]
 async fn a_poison_message_is_recorded_failed_then_terminated() {
-    let Some(f) = Fixture::new("poison").await else {
-        return;
-    };
-    let runs = &AtomicU32::new(0);
-    let parse = |incoming: idem_broker::Incoming, _| async move {
-        runs.fetch_add(1, Ordering::SeqCst);
-        std::str::from_utf8(&incoming.payload)
-            .ok()
-            .and_then(|s| s.parse::<u32>().ok())
-            .ok_or_else(|| Failure::Permanent("not an amount".to_string()))
-    };
-    assert!(!f.publish("poison-1", b"garbage").await);
-    let message = f.next().await;
-    let key = f.barrier.key(&message).unwrap();
-    let h: Ledger = f.barrier.handle(&message, parse).await.unwrap();
-    assert!(
-        matches!(&h, Handled::Failed { failure, replayed: false } if failure == "not an amount"),
-        "{h:?}"
-    );
-    let record = f
-        .barrier
-        .barrier()
-        .store()
-        .get(&key)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(record.state, State::Failed { .. }), "{record:?}");
-    // Terminated: never redelivered, even after the ack wait.
-    f.assert_drained().await;
-
-    // A copy published past the dedup window replays the failure and is terminated unrun.
-    let mut accepted_again = false;
-    while !accepted_again {
-        tokio::time::sleep(DUPLICATE_WINDOW).await;
-        accepted_again = !f.publish("poison-1", b"garbage").await;
-    }
-    let h: Ledger = f.barrier.handle(&f.next().await, parse).await.unwrap();
-    assert!(matches!(h, Handled::Failed { replayed: true, .. }), "{h:?}");
-    f.assert_drained().await;
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
-    f.delete().await;
+    run::<Fixture>(
+        "poison",
+        scenarios::a_poison_message_is_recorded_failed_then_terminated,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_retryable_failure_is_redelivered_after_the_nak_delay_and_then_applied() {
-    let Some(f) = Fixture::new("retry").await else {
-        return;
-    };
-    let attempts = &AtomicU32::new(0);
-    let flaky = |_, _| async move {
-        match attempts.fetch_add(1, Ordering::SeqCst) {
-            0 => Err(Failure::Retryable("downstream timed out".to_string())),
-            _ => Ok(5),
-        }
-    };
-    assert!(!f.publish("flaky-1", b"+5").await);
-    let h: Ledger = f.barrier.handle(&f.next().await, flaky).await.unwrap();
-    assert!(matches!(h, Handled::Retry { .. }), "{h:?}");
-    let again = f.next().await;
-    assert_eq!(again.delivered(), Some(2));
-    let h: Ledger = f.barrier.handle(&again, flaky).await.unwrap();
-    assert!(matches!(
-        h,
-        Handled::Completed {
-            value: 5,
-            replayed: false
-        }
-    ));
-    f.assert_drained().await;
-    assert_eq!(attempts.load(Ordering::SeqCst), 2);
-    f.delete().await;
+    run::<Fixture>(
+        "retry",
+        scenarios::a_retryable_failure_is_delivered_again_and_then_applied,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn the_key_falls_back_from_the_header_to_the_message_id_to_the_extractor() {
-    let Some(f) = Fixture::new("keys").await else {
-        return;
-    };
-    let barrier = f.barrier.clone().with_extractor(|m: &JetStreamMessage| {
-        std::str::from_utf8(m.payload())
-            .ok()
-            .and_then(|p| p.strip_prefix("id="))
-            .map(str::to_owned)
-    });
-    // Both headers (idem_nats::publish): the Idempotency-Key header.
-    f.publish("both", b"x").await;
-    // Only Nats-Msg-Id.
-    f.js.send_publish(
-        f.subject.clone(),
-        jetstream::message::PublishMessage::build()
-            .message_id("msg-id-only")
-            .payload("y".into()),
+    run::<Fixture>(
+        "keys",
+        scenarios::the_key_falls_back_from_the_header_to_the_message_id_to_the_extractor,
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    // Neither: the extractor.
-    f.js.publish(f.subject.clone(), "id=from-body".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    // Nothing at all: terminated.
-    f.js.publish(f.subject.clone(), "anonymous".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    for want in ["both", "msg-id-only", "from-body"] {
-        let m = f.next().await;
-        assert_eq!(barrier.key(&m).unwrap().id(), want);
-        let h: Ledger = barrier.handle(&m, |_, _| async { Ok(1) }).await.unwrap();
-        assert!(matches!(h, Handled::Completed { .. }), "{h:?}");
-    }
-    let h: Ledger = barrier
-        .handle(&f.next().await, |_, _| async {
-            panic!("a message without a key ran")
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(h, Handled::Rejected(idem_broker::Rejected::NoKey)),
-        "{h:?}"
-    );
-    f.assert_drained().await;
-    f.delete().await;
+    .await;
 }

@@ -1,15 +1,16 @@
 //! The outbox on real SQLite and PostgreSQL (`IDEM_POSTGRES_URL`) databases, relayed to a
 //! real NATS JetStream server (`IDEM_NATS_URL`); each service is skipped with a note when
-//! unreachable unless `IDEM_TEST_REQUIRE` names it (`nats`, `postgres`).
+//! unreachable unless `IDEM_TEST_REQUIRE` names it (`nats`, `postgres`). The scenarios that
+//! do not depend on the database run on both through [`Orders`].
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, stream};
 use futures::StreamExt;
-use idem_broker::{ConsumerBarrier, Handled, Publisher};
-use idem_core::{Barrier, BoxError, Failure, Key, TxPolicy};
+use idem_broker::testkit::{Tally, TempStore};
+use idem_broker::Publisher;
+use idem_core::{Barrier, BoxError, Failure, Key, RunError, TxPolicy};
 use idem_nats::{JetStreamMessage, JetStreamPublisher};
 use idem_outbox::{OutboxStore, Outgoing, PgOutbox, Relay, SqliteOutbox};
 use idem_postgres::sqlx::{self, AssertSqlSafe, PgPool};
@@ -85,14 +86,19 @@ impl Nats {
         })
     }
 
+    /// The real JetStream publisher.
+    fn publisher(&self) -> JetStreamPublisher {
+        JetStreamPublisher(self.js.clone())
+    }
+
     /// Deletes the stream (at the end of a test that passed).
     async fn delete(self) {
         self.js.delete_stream(&self.stream).await.unwrap();
     }
 
-    /// Every message in the stream, through a consumer barrier: effects per key id, and how
-    /// many messages the stream held.
-    async fn consume(&self) -> (HashMap<String, u32>, usize) {
+    /// Every message in the stream, through a consumer barrier: the effects per key id, and
+    /// how many messages the stream held.
+    async fn consume(&self) -> (Tally, usize) {
         let consumer: PullConsumer = self
             .js
             .get_stream(&self.stream)
@@ -104,12 +110,9 @@ impl Nats {
             })
             .await
             .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::connect(dir.path().join("ledger.db"))
-            .await
-            .unwrap();
-        let barrier = ConsumerBarrier::new(Barrier::new(Arc::new(store)), "ledger").unwrap();
-        let effects = &Mutex::new(HashMap::<String, u32>::new());
+        let store = TempStore::new().await;
+        let barrier = store.consumer_barrier();
+        let tally = Tally::default();
         let mut delivered = 0;
         loop {
             let mut batch = consumer
@@ -123,26 +126,14 @@ impl Nats {
             while let Some(message) = batch.next().await {
                 got += 1;
                 let message = JetStreamMessage::from(message.unwrap());
-                let h: Handled<(), String, String> = barrier
-                    .handle(&message, |incoming, _| async move {
-                        *effects
-                            .lock()
-                            .unwrap()
-                            .entry(incoming.key.id().to_string())
-                            .or_default() += 1;
-                        Ok(())
-                    })
-                    .await
-                    .unwrap();
-                assert!(matches!(h, Handled::Completed { .. }), "{h:?}");
+                tally.handle(&barrier, &message).await;
             }
             if got == 0 {
                 break;
             }
             delivered += got;
         }
-        let effects = effects.lock().unwrap().clone();
-        (effects, delivered)
+        (tally, delivered)
     }
 }
 
@@ -167,92 +158,298 @@ impl Publisher for Recording {
     }
 }
 
-/// A SQLite store and its outbox in one database file.
-async fn sqlite() -> (Barrier<SqliteStore>, SqliteOutbox, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idem.db");
-    let store = SqliteStore::connect(&path).await.unwrap();
-    store
-        .with_connection(|c| {
-            c.execute(
-                "CREATE TABLE orders (id TEXT PRIMARY KEY, amount INTEGER)",
-                [],
-            )
-            .map(drop)
-        })
-        .await
-        .unwrap();
-    let outbox = SqliteOutbox::open(&path, "idem_outbox").await.unwrap();
-    (Barrier::new(Arc::new(store)), outbox, dir)
+/// How an order operation ends: committed, or failed permanently or retryably.
+type Ending = Result<(), Failure<String, String>>;
+
+/// A database with an `orders` table and an outbox: what the scenarios that do not depend
+/// on the database need of it.
+trait Orders {
+    type Outbox: OutboxStore + Clone + 'static;
+
+    /// The outbox.
+    fn outbox(&self) -> &Self::Outbox;
+
+    /// An order operation under `key`: writes the order and enqueues `message` in one
+    /// transaction that ends with `ending`. `Ok(true)` when its outcome was replayed.
+    async fn order(
+        &self,
+        key: &Key,
+        message: Outgoing,
+        ending: Ending,
+    ) -> Result<bool, RunError<String>>;
 }
 
-/// An order operation on SQLite: writes the order and enqueues its event.
-async fn sqlite_order(
-    barrier: &Barrier<SqliteStore>,
-    outbox: &SqliteOutbox,
-    key: &Key,
-    message: Outgoing,
-    ending: Result<(), Failure<String, String>>,
-) -> Result<bool, idem_core::RunError<String>> {
-    let (outbox, op_key) = (outbox.clone(), key.clone());
-    let op: SqliteOperation<(), String, String> = Box::new(move |tx| {
-        tx.execute(
-            "INSERT INTO orders (id, amount) VALUES (?1, 100)",
-            [op_key.id()],
-        )
-        .map_err(|e| Failure::Retryable(e.to_string()))?;
-        outbox
-            .enqueue(tx, &op_key, &message)
+/// A SQLite store and its outbox in one database file.
+struct Sqlite {
+    barrier: Barrier<SqliteStore>,
+    outbox: SqliteOutbox,
+    _dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    async fn new() -> Sqlite {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        let store = SqliteStore::connect(&path).await.unwrap();
+        store
+            .with_connection(|c| {
+                c.execute(
+                    "CREATE TABLE orders (id TEXT PRIMARY KEY, amount INTEGER)",
+                    [],
+                )
+                .map(drop)
+            })
+            .await
+            .unwrap();
+        let outbox = SqliteOutbox::open(&path, "idem_outbox").await.unwrap();
+        Sqlite {
+            barrier: Barrier::new(Arc::new(store)),
+            outbox,
+            _dir: dir,
+        }
+    }
+}
+
+impl Orders for Sqlite {
+    type Outbox = SqliteOutbox;
+
+    fn outbox(&self) -> &SqliteOutbox {
+        &self.outbox
+    }
+
+    async fn order(
+        &self,
+        key: &Key,
+        message: Outgoing,
+        ending: Ending,
+    ) -> Result<bool, RunError<String>> {
+        let (outbox, op_key) = (self.outbox.clone(), key.clone());
+        let op: SqliteOperation<(), String, String> = Box::new(move |tx| {
+            tx.execute(
+                "INSERT INTO orders (id, amount) VALUES (?1, 100)",
+                [op_key.id()],
+            )
             .map_err(|e| Failure::Retryable(e.to_string()))?;
-        ending
-    });
-    barrier
-        .transaction(key, None, TxPolicy::Wait, op)
+            outbox
+                .enqueue(tx, &op_key, &message)
+                .map_err(|e| Failure::Retryable(e.to_string()))?;
+            ending
+        });
+        self.barrier
+            .transaction(key, None, TxPolicy::Wait, op)
+            .await
+            .map(|r| r.replayed)
+    }
+}
+
+/// A PostgreSQL schema for one test with a store and an outbox in it, dropped at the end.
+struct Pg {
+    pool: PgPool,
+    schema: String,
+    barrier: Barrier<PgStore>,
+    outbox: PgOutbox,
+}
+
+impl Pg {
+    async fn new() -> Option<Pg> {
+        let connected = tokio::time::timeout(
+            Duration::from_secs(5),
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(8)
+                .connect(&postgres_url()),
+        )
+        .await;
+        let pool = match connected {
+            Ok(Ok(pool)) => pool,
+            Ok(Err(e)) => {
+                return skip(
+                    "postgres",
+                    &format!("cannot connect to {}: {e}", postgres_url()),
+                )
+            }
+            Err(_) => {
+                return skip(
+                    "postgres",
+                    &format!("connecting to {} timed out", postgres_url()),
+                )
+            }
+        };
+        let schema = unique("idem_outbox_test");
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.orders (id TEXT PRIMARY KEY, amount INT)"
+        )))
+        .execute(&pool)
         .await
-        .map(|r| r.replayed)
+        .unwrap();
+        let options = PgOptions::default()
+            .with_table(&format!("{schema}.records"))
+            .unwrap();
+        let store = PgStore::from_pool(pool.clone(), options).unwrap();
+        store.migrate().await.unwrap();
+        let outbox = PgOutbox::open(pool.clone(), &format!("{schema}.outbox"))
+            .await
+            .unwrap();
+        Some(Pg {
+            pool,
+            schema,
+            barrier: Barrier::new(Arc::new(store)),
+            outbox,
+        })
+    }
+
+    async fn drop_schema(self) {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+}
+
+impl Orders for Pg {
+    type Outbox = PgOutbox;
+
+    fn outbox(&self) -> &PgOutbox {
+        &self.outbox
+    }
+
+    async fn order(
+        &self,
+        key: &Key,
+        message: Outgoing,
+        ending: Ending,
+    ) -> Result<bool, RunError<String>> {
+        let (outbox, op_key, schema) = (self.outbox.clone(), key.clone(), self.schema.clone());
+        let op: PgOperation<(), String, String> = Box::new(move |tx| {
+            Box::pin(async move {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {schema}.orders (id, amount) VALUES ($1, 100)"
+                )))
+                .bind(op_key.id())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Failure::Retryable(e.to_string()))?;
+                outbox
+                    .enqueue(tx, &op_key, &message)
+                    .await
+                    .map_err(|e| Failure::Retryable(e.to_string()))?;
+                ending
+            })
+        });
+        self.barrier
+            .transaction(key, None, TxPolicy::Wait, op)
+            .await
+            .map(|r| r.replayed)
+    }
+}
+
+/// A message commits with its operation, a replay enqueues nothing, a permanent failure
+/// rolls the business writes and the message back, and a retryable one leaves nothing.
+async fn messages_commit_with_the_operation_and_a_retry_enqueues_nothing(orders: &impl Orders) {
+    let key = Key::new("shop", "order-1").unwrap();
+    let event = || Outgoing::new("created", "orders.created", b"order-1".to_vec());
+    assert!(!orders.order(&key, event(), Ok(())).await.unwrap());
+    assert!(orders.order(&key, event(), Ok(())).await.unwrap());
+    assert_eq!(orders.outbox().backlog().await.unwrap().pending, 1);
+
+    let declined = Key::new("shop", "order-2").unwrap();
+    let _ = orders
+        .order(
+            &declined,
+            event(),
+            Err(Failure::Permanent("declined".into())),
+        )
+        .await
+        .unwrap();
+    let flaky = Key::new("shop", "order-3").unwrap();
+    let r = orders
+        .order(&flaky, event(), Err(Failure::Retryable("timeout".into())))
+        .await;
+    assert!(matches!(r, Err(RunError::Operation(_))));
+    assert_eq!(orders.outbox().backlog().await.unwrap().pending, 1);
+
+    // The message's key is derived from the operation's key, stable across processes.
+    let claimed = orders.outbox().claim(0, i64::MAX, 1, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].key, key.derive("created"));
+}
+
+/// Enqueues `n` messages, one operation each, in `groups` ordering keys (the payload is
+/// `group/position`); runs two relays at once until the outbox is empty; then checks that
+/// every row was published once and each ordering key in order, and that retention purges
+/// the sent rows.
+async fn two_relays_racing_publish_each_row_once_in_order(
+    orders: &impl Orders,
+    nats: &Nats,
+    n: usize,
+    groups: usize,
+) {
+    let subject = format!("{}.events", nats.subject);
+    for i in 0..n {
+        let group = i % groups;
+        let key = Key::new("shop", format!("op-{i}")).unwrap();
+        let message = Outgoing::new(
+            "event",
+            subject.clone(),
+            format!("{group}/{}", i / groups).into_bytes(),
+        )
+        .ordered_by(format!("group-{group}"));
+        orders.order(&key, message, Ok(())).await.unwrap();
+    }
+
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let publisher = Recording {
+        inner: nats.publisher(),
+        log: Arc::clone(&log),
+    };
+    let relays: Vec<_> = (0..2)
+        .map(|_| {
+            let relay = Relay::new(orders.outbox().clone(), publisher.clone()).with_batch(3);
+            tokio::spawn(async move {
+                let mut published = 0;
+                loop {
+                    let run = relay.run_once().await.unwrap();
+                    assert_eq!((run.errors, run.lost), (0, 0));
+                    published += run.published;
+                    if run.backlog.pending == 0 {
+                        return published;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    let mut per_relay = Vec::new();
+    for relay in relays {
+        per_relay.push(relay.await.unwrap());
+    }
+    assert_eq!(per_relay.iter().sum::<usize>(), n, "{per_relay:?}");
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), n, "no row was published twice");
+    let mut next = vec![0usize; groups];
+    for (_, payload) in &log {
+        let text = String::from_utf8(payload.clone()).unwrap();
+        let (group, position) = text.split_once('/').unwrap();
+        let (group, position): (usize, usize) = (group.parse().unwrap(), position.parse().unwrap());
+        assert_eq!(position, next[group], "group {group} out of order: {log:?}");
+        next[group] += 1;
+    }
+    let (tally, delivered) = nats.consume().await;
+    assert_eq!((tally.counts().len(), delivered), (n, n));
+
+    // Sent rows are purged by retention.
+    let relay =
+        Relay::new(orders.outbox().clone(), nats.publisher()).with_retention(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert_eq!(relay.purge(1000).await.unwrap(), n as u64);
+    assert_eq!(relay.purge(1000).await.unwrap(), 0);
 }
 
 #[tokio::test]
 async fn sqlite_messages_commit_with_the_operation_and_a_retry_enqueues_nothing() {
-    let (barrier, outbox, _dir) = sqlite().await;
-    let key = Key::new("shop", "order-1").unwrap();
-    let event = || Outgoing::new("created", "orders.created", b"order-1".to_vec());
-    assert!(!sqlite_order(&barrier, &outbox, &key, event(), Ok(()))
-        .await
-        .unwrap());
-    assert!(sqlite_order(&barrier, &outbox, &key, event(), Ok(()))
-        .await
-        .unwrap());
-    assert_eq!(outbox.backlog().await.unwrap().pending, 1);
-
-    // A permanent failure rolls the business writes and the message back; a retryable one
-    // leaves nothing at all.
-    let declined = Key::new("shop", "order-2").unwrap();
-    let _ = sqlite_order(
-        &barrier,
-        &outbox,
-        &declined,
-        event(),
-        Err(Failure::Permanent("declined".into())),
-    )
-    .await
-    .unwrap();
-    let flaky = Key::new("shop", "order-3").unwrap();
-    let r = sqlite_order(
-        &barrier,
-        &outbox,
-        &flaky,
-        event(),
-        Err(Failure::Retryable("timeout".into())),
-    )
-    .await;
-    assert!(matches!(r, Err(idem_core::RunError::Operation(_))));
-    assert_eq!(outbox.backlog().await.unwrap().pending, 1);
-
-    // The message's key is derived from the operation's key, stable across processes.
-    let claimed = outbox.claim(0, i64::MAX, 1, 10).await.unwrap();
-    assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].key, key.derive("created"));
+    messages_commit_with_the_operation_and_a_retry_enqueues_nothing(&Sqlite::new().await).await;
 }
 
 #[tokio::test]
@@ -260,7 +457,8 @@ async fn a_relay_crash_at_each_step_still_gives_one_effect_per_message() {
     let Some(nats) = Nats::new("crash").await else {
         return;
     };
-    let (barrier, outbox, _dir) = sqlite().await;
+    let orders = Sqlite::new().await;
+    let outbox = orders.outbox();
     let keys: Vec<Key> = (0..3)
         .map(|i| Key::new("shop", format!("order-{i}")).unwrap())
         .collect();
@@ -270,11 +468,9 @@ async fn a_relay_crash_at_each_step_still_gives_one_effect_per_message() {
             format!("{}.created", nats.subject),
             key.id().as_bytes().to_vec(),
         );
-        sqlite_order(&barrier, &outbox, key, event, Ok(()))
-            .await
-            .unwrap();
+        orders.order(key, event, Ok(())).await.unwrap();
     }
-    let publisher = JetStreamPublisher(nats.js.clone());
+    let publisher = nats.publisher();
     let lease = Duration::from_millis(300);
     let now = || {
         std::time::SystemTime::now()
@@ -309,76 +505,13 @@ async fn a_relay_crash_at_each_step_still_gives_one_effect_per_message() {
         tokio::time::sleep(lease / 4).await;
     }
 
-    let (effects, delivered) = nats.consume().await;
+    let (tally, delivered) = nats.consume().await;
     assert_eq!(
         delivered, 4,
         "the message published by the crashed relay came twice"
     );
-    assert_eq!(effects.len(), 3, "{effects:?}");
-    assert!(effects.values().all(|&n| n == 1), "{effects:?}");
-    for key in &keys {
-        assert_eq!(effects.get(key.derive("created").id()), Some(&1));
-    }
+    tally.assert_once_each(keys.iter().map(|key| key.derive("created")));
     nats.delete().await;
-}
-
-/// Enqueues `n` messages, one operation each, in `groups` ordering keys; the payload is
-/// `group/position`.
-async fn enqueue_groups<Fut>(n: usize, groups: usize, mut order: impl FnMut(Key, Outgoing) -> Fut)
-where
-    Fut: std::future::Future<Output = ()>,
-{
-    for i in 0..n {
-        let group = i % groups;
-        let key = Key::new("shop", format!("op-{i}")).unwrap();
-        let message = Outgoing::new("event", "", format!("{group}/{}", i / groups).into_bytes())
-            .ordered_by(format!("group-{group}"));
-        order(key, message).await;
-    }
-}
-
-/// Runs two relays at once until the outbox is empty; then checks that every row was
-/// published once and each ordering key in order.
-async fn race<O: OutboxStore + Clone + 'static>(outbox: O, nats: &Nats, n: usize, groups: usize) {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let publisher = Recording {
-        inner: JetStreamPublisher(nats.js.clone()),
-        log: Arc::clone(&log),
-    };
-    let relays: Vec<_> = (0..2)
-        .map(|_| {
-            let relay = Relay::new(outbox.clone(), publisher.clone()).with_batch(3);
-            tokio::spawn(async move {
-                let mut published = 0;
-                loop {
-                    let run = relay.run_once().await.unwrap();
-                    assert_eq!((run.errors, run.lost), (0, 0));
-                    published += run.published;
-                    if run.backlog.pending == 0 {
-                        return published;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect();
-    let mut per_relay = Vec::new();
-    for relay in relays {
-        per_relay.push(relay.await.unwrap());
-    }
-    assert_eq!(per_relay.iter().sum::<usize>(), n, "{per_relay:?}");
-    let log = log.lock().unwrap().clone();
-    assert_eq!(log.len(), n, "no row was published twice");
-    let mut next = vec![0usize; groups];
-    for (_, payload) in &log {
-        let text = String::from_utf8(payload.clone()).unwrap();
-        let (group, position) = text.split_once('/').unwrap();
-        let (group, position): (usize, usize) = (group.parse().unwrap(), position.parse().unwrap());
-        assert_eq!(position, next[group], "group {group} out of order: {log:?}");
-        next[group] += 1;
-    }
-    let (effects, delivered) = nats.consume().await;
-    assert_eq!((effects.len(), delivered), (n, n));
 }
 
 #[tokio::test]
@@ -386,26 +519,7 @@ async fn two_sqlite_relays_racing_publish_each_row_once_in_order() {
     let Some(nats) = Nats::new("race_sqlite").await else {
         return;
     };
-    let (barrier, outbox, _dir) = sqlite().await;
-    let subject = format!("{}.events", nats.subject);
-    enqueue_groups(40, 4, |key, mut message| {
-        message.subject = subject.clone();
-        let (barrier, outbox) = (barrier.clone(), outbox.clone());
-        async move {
-            sqlite_order(&barrier, &outbox, &key, message, Ok(()))
-                .await
-                .unwrap();
-        }
-    })
-    .await;
-    race(outbox.clone(), &nats, 40, 4).await;
-
-    // Sent rows are purged by retention.
-    let relay =
-        Relay::new(outbox, JetStreamPublisher(nats.js.clone())).with_retention(Duration::ZERO);
-    tokio::time::sleep(Duration::from_millis(2)).await;
-    assert_eq!(relay.purge(1000).await.unwrap(), 40);
-    assert_eq!(relay.purge(1000).await.unwrap(), 0);
+    two_relays_racing_publish_each_row_once_in_order(&Sqlite::new().await, &nats, 40, 4).await;
     nats.delete().await;
 }
 
@@ -414,14 +528,12 @@ async fn a_failed_publish_leaves_the_row_pending_and_first_in_its_order() {
     let Some(nats) = Nats::new("fail").await else {
         return;
     };
-    let (barrier, outbox, _dir) = sqlite().await;
+    let orders = Sqlite::new().await;
     let key = Key::new("shop", "order-x").unwrap();
     // No stream listens on this subject: JetStream cannot acknowledge the publish.
     let nowhere = Outgoing::new("first", format!("nowhere.{}", unique("x")), b"1".to_vec());
-    sqlite_order(&barrier, &outbox, &key, nowhere, Ok(()))
-        .await
-        .unwrap();
-    let relay = Relay::new(outbox.clone(), JetStreamPublisher(nats.js.clone()));
+    orders.order(&key, nowhere, Ok(())).await.unwrap();
+    let relay = Relay::new(orders.outbox().clone(), nats.publisher());
     let run = relay.run_once().await.unwrap();
     assert_eq!((run.claimed, run.published, run.errors), (1, 0, 1));
     assert_eq!(run.backlog.pending, 1);
@@ -434,142 +546,12 @@ async fn a_failed_publish_leaves_the_row_pending_and_first_in_its_order() {
     nats.delete().await;
 }
 
-/// A PostgreSQL schema for one test, dropped at the end.
-struct Pg {
-    pool: PgPool,
-    schema: String,
-}
-
-impl Pg {
-    async fn new() -> Option<Pg> {
-        let connected = tokio::time::timeout(
-            Duration::from_secs(5),
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(8)
-                .connect(&postgres_url()),
-        )
-        .await;
-        let pool = match connected {
-            Ok(Ok(pool)) => pool,
-            Ok(Err(e)) => {
-                return skip(
-                    "postgres",
-                    &format!("cannot connect to {}: {e}", postgres_url()),
-                )
-            }
-            Err(_) => {
-                return skip(
-                    "postgres",
-                    &format!("connecting to {} timed out", postgres_url()),
-                )
-            }
-        };
-        let schema = unique("idem_outbox_test");
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.orders (id TEXT PRIMARY KEY, amount INT)"
-        )))
-        .execute(&pool)
-        .await
-        .unwrap();
-        Some(Pg { pool, schema })
-    }
-
-    async fn store(&self) -> (Barrier<PgStore>, PgOutbox) {
-        let options = PgOptions::default()
-            .with_table(&format!("{}.records", self.schema))
-            .unwrap();
-        let store = PgStore::from_pool(self.pool.clone(), options).unwrap();
-        store.migrate().await.unwrap();
-        let outbox = PgOutbox::open(self.pool.clone(), &format!("{}.outbox", self.schema))
-            .await
-            .unwrap();
-        (Barrier::new(Arc::new(store)), outbox)
-    }
-
-    async fn order(
-        &self,
-        barrier: &Barrier<PgStore>,
-        outbox: &PgOutbox,
-        key: &Key,
-        message: Outgoing,
-        ending: Result<(), Failure<String, String>>,
-    ) -> Result<bool, idem_core::RunError<String>> {
-        let (outbox, op_key, schema) = (outbox.clone(), key.clone(), self.schema.clone());
-        let op: PgOperation<(), String, String> = Box::new(move |tx| {
-            Box::pin(async move {
-                sqlx::query(AssertSqlSafe(format!(
-                    "INSERT INTO {schema}.orders (id, amount) VALUES ($1, 100)"
-                )))
-                .bind(op_key.id())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| Failure::Retryable(e.to_string()))?;
-                outbox
-                    .enqueue(tx, &op_key, &message)
-                    .await
-                    .map_err(|e| Failure::Retryable(e.to_string()))?;
-                ending
-            })
-        });
-        barrier
-            .transaction(key, None, TxPolicy::Wait, op)
-            .await
-            .map(|r| r.replayed)
-    }
-
-    async fn drop_schema(self) {
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "DROP SCHEMA {} CASCADE",
-            self.schema
-        )))
-        .execute(&self.pool)
-        .await
-        .unwrap();
-    }
-}
-
 #[tokio::test]
 async fn postgres_messages_commit_with_the_operation_and_a_retry_enqueues_nothing() {
     let Some(pg) = Pg::new().await else {
         return;
     };
-    let (barrier, outbox) = pg.store().await;
-    let key = Key::new("shop", "order-1").unwrap();
-    let event = || Outgoing::new("created", "orders.created", b"order-1".to_vec());
-    assert!(!pg
-        .order(&barrier, &outbox, &key, event(), Ok(()))
-        .await
-        .unwrap());
-    assert!(pg
-        .order(&barrier, &outbox, &key, event(), Ok(()))
-        .await
-        .unwrap());
-    let declined = Key::new("shop", "order-2").unwrap();
-    let _ = pg
-        .order(
-            &barrier,
-            &outbox,
-            &declined,
-            event(),
-            Err(Failure::Permanent("no".into())),
-        )
-        .await
-        .unwrap();
-    let flaky = Key::new("shop", "order-3").unwrap();
-    let r = pg
-        .order(
-            &barrier,
-            &outbox,
-            &flaky,
-            event(),
-            Err(Failure::Retryable("t".into())),
-        )
-        .await;
-    assert!(matches!(r, Err(idem_core::RunError::Operation(_))));
-    assert_eq!(outbox.backlog().await.unwrap().pending, 1);
-    let claimed = outbox.claim(0, i64::MAX, 1, 10).await.unwrap();
-    assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].key, key.derive("created"));
+    messages_commit_with_the_operation_and_a_retry_enqueues_nothing(&pg).await;
     pg.drop_schema().await;
 }
 
@@ -581,25 +563,7 @@ async fn two_postgres_relays_racing_publish_each_row_once_in_order() {
     let Some(pg) = Pg::new().await else {
         return;
     };
-    let (barrier, outbox) = pg.store().await;
-    let subject = format!("{}.events", nats.subject);
-    let pg_ref = &pg;
-    enqueue_groups(60, 4, |key, mut message| {
-        message.subject = subject.clone();
-        let (barrier, outbox) = (barrier.clone(), outbox.clone());
-        async move {
-            pg_ref
-                .order(&barrier, &outbox, &key, message, Ok(()))
-                .await
-                .unwrap();
-        }
-    })
-    .await;
-    race(outbox.clone(), &nats, 60, 4).await;
-    let relay =
-        Relay::new(outbox, JetStreamPublisher(nats.js.clone())).with_retention(Duration::ZERO);
-    tokio::time::sleep(Duration::from_millis(2)).await;
-    assert_eq!(relay.purge(1000).await.unwrap(), 60);
+    two_relays_racing_publish_each_row_once_in_order(&pg, &nats, 60, 4).await;
     pg.drop_schema().await;
     nats.delete().await;
 }
@@ -609,24 +573,22 @@ async fn a_running_relay_drains_the_outbox_and_may_be_stopped_anywhere() {
     let Some(nats) = Nats::new("run").await else {
         return;
     };
-    let (barrier, outbox, _dir) = sqlite().await;
-    let relay = Relay::new(outbox.clone(), JetStreamPublisher(nats.js.clone())).with_batch(2);
+    let orders = Sqlite::new().await;
+    let relay = Relay::new(orders.outbox().clone(), nats.publisher()).with_batch(2);
     let running = tokio::spawn(async move { relay.run(Duration::from_millis(10)).await });
     for i in 0..5 {
         let key = Key::new("shop", format!("order-{i}")).unwrap();
         let event = Outgoing::new("created", format!("{}.created", nats.subject), vec![b'x']);
-        sqlite_order(&barrier, &outbox, &key, event, Ok(()))
-            .await
-            .unwrap();
+        orders.order(&key, event, Ok(())).await.unwrap();
     }
     let mut polls = 0;
-    while outbox.backlog().await.unwrap().pending > 0 {
+    while orders.outbox().backlog().await.unwrap().pending > 0 {
         polls += 1;
         assert!(polls < 1000, "the running relay drains the outbox");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     running.abort();
-    let (effects, delivered) = nats.consume().await;
-    assert_eq!((effects.len(), delivered), (5, 5));
+    let (tally, delivered) = nats.consume().await;
+    assert_eq!((tally.counts().len(), delivered), (5, 5));
     nats.delete().await;
 }

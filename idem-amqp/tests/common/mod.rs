@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use idem_broker::testkit::restart::Restartable;
+
 /// How long a private node may take to accept connections after it is started.
 const START_BOUND: Duration = Duration::from_secs(60);
 
@@ -72,24 +74,6 @@ impl PrivateBroker {
     /// The node's AMQP URL.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    /// The node's startup output and log, across restarts (for a failure message).
-    pub fn log(&self) -> String {
-        let mut log = std::fs::read_to_string(self.dir.path().join("out.log")).unwrap_or_default();
-        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("log")) {
-            for entry in entries.flatten() {
-                log.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
-            }
-        }
-        log
-    }
-
-    /// Kills the node with SIGKILL (the whole process group: the start script and the
-    /// Erlang VM) and starts it again with the same name, ports and database.
-    pub async fn kill_and_restart(&mut self) {
-        self.kill();
-        self.spawn().await;
     }
 
     fn path(&self, sub: &str) -> PathBuf {
@@ -162,6 +146,26 @@ impl PrivateBroker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Restartable for PrivateBroker {
+    /// The node's startup output and log, across restarts.
+    fn log(&self) -> String {
+        let mut log = std::fs::read_to_string(self.dir.path().join("out.log")).unwrap_or_default();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("log")) {
+            for entry in entries.flatten() {
+                log.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        log
+    }
+
+    /// Kills the node with SIGKILL (the whole process group: the start script and the
+    /// Erlang VM) and starts it again with the same name, ports and database.
+    async fn kill_and_restart(&mut self) {
+        self.kill();
+        self.spawn().await;
     }
 }
 

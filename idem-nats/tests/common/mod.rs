@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use idem_broker::testkit::restart::Restartable;
+
 /// How long a private server may take to accept connections after it is started.
 const START_BOUND: Duration = Duration::from_secs(30);
 
@@ -70,18 +72,6 @@ impl PrivateServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// The server's log, across restarts (for a failure message).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
-    }
-
-    /// Kills the server with SIGKILL (no shutdown, no flush) and starts it again on the
-    /// same port and store directory, waiting until it accepts connections.
-    pub async fn kill_and_restart(&mut self) {
-        self.kill();
-        self.spawn().await;
-    }
-
     /// Starts the server and waits (bounded) until its port accepts connections.
     async fn spawn(&mut self) {
         let log = self.dir.path().join("nats-server.log");
@@ -128,6 +118,20 @@ impl PrivateServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Restartable for PrivateServer {
+    /// The server's log, across restarts.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same port and store
+    /// directory.
+    async fn kill_and_restart(&mut self) {
+        self.kill();
+        self.spawn().await;
     }
 }
 

@@ -1,6 +1,5 @@
-//! Helpers for broker fault tests (feature `testkit`): retry a step while a broker is down,
-//! wait for a condition with a liveness bound, and read a ledger of effects. The broker
-//! adapters' restart tests share them; so can an application's own.
+//! Retrying a step while a broker is down, waiting for a condition with a liveness bound,
+//! and reading a ledger of effects.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
