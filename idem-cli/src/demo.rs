@@ -63,9 +63,8 @@ fn outcome(r: &idem::Response<String, String>) -> &str {
     }
 }
 
-/// Runs the four scenarios against the SQLite file at `path` and prints the ledger.
+/// Runs the four scenarios against a new SQLite file at `path` and prints the ledger.
 pub async fn run(path: &std::path::Path) -> Result<bool, Error> {
-    let _ = std::fs::remove_file(path);
     let store = SqliteStore::connect(path).await?;
     store
         .with_connection(|c| c.execute_batch("CREATE TABLE ledger (payment TEXT NOT NULL, account TEXT NOT NULL, amount INTEGER NOT NULL)"))

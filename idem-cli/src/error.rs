@@ -23,6 +23,10 @@ pub enum CliError {
     /// `idem audit` refused its arguments (nothing was sent) or could not run.
     #[error("idem audit")]
     Audit(#[from] idem_audit::AuditError),
+    /// The lab or the demo was given a database file that exists: they write a new one
+    /// and never overwrite a file.
+    #[error("{} exists: this run writes a new database and never overwrites a file; remove it or name another", .0.display())]
+    Exists(std::path::PathBuf),
     /// An operator command found no records table (or no SQLite file) where it was told to
     /// look, and created none: exit status [`EXIT_MISSING`].
     #[error("{0}")]

@@ -7,6 +7,7 @@ mod error;
 mod lab;
 mod ops;
 mod pipeline;
+mod scratch;
 mod serve;
 mod target;
 
@@ -51,7 +52,8 @@ enum Command {
     /// The payments demo on embedded SQLite: duplicates, a crash, a 26-hour-late redelivery,
     /// a reused key, and the resulting ledger.
     Demo {
-        /// SQLite database file (recreated).
+        /// SQLite database file to create (an existing file is refused, never overwritten;
+        /// default: a new file in a temporary directory, removed afterwards).
         #[arg(long)]
         db: Option<PathBuf>,
     },
@@ -100,7 +102,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
-    /// Lists records in the store's key order (read-only; SQLite, PostgreSQL, MySQL).
+    /// Lists records in the store's key order (read-only; every backend but FoundationDB).
     List {
         #[command(flatten)]
         target: OpsTarget,
@@ -123,9 +125,9 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
-    /// Runs the conformance suite against the configured server (SQLite, PostgreSQL) in a
-    /// scratch namespace it removes afterwards, and prints the report; exit 1 if a property
-    /// failed.
+    /// Runs the conformance suite against the configured store (every backend but
+    /// FoundationDB) in a scratch namespace it removes afterwards, and prints the report;
+    /// exit 1 if a property failed.
     Check {
         #[command(flatten)]
         target: OpsTarget,
@@ -153,7 +155,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             json,
         } => lab::run(&target, &config, json).await?,
         Command::Demo { db } => {
-            demo::run(&db.unwrap_or_else(|| std::env::temp_dir().join("idem-demo.db"))).await?
+            let db = scratch::ScratchDb::new(db.as_deref(), "idem-demo.db")?;
+            demo::run(db.path()).await?
         }
         Command::Bench(args) => {
             bench::run(args).await?;

@@ -74,7 +74,8 @@ pub struct Target {
     /// IDEM_MYSQL_URL, IDEM_REDIS_URL, IDEM_ETCD_ENDPOINTS, then the local servers.
     #[arg(long)]
     pub url: Option<String>,
-    /// SQLite database file (default: a file in the temporary directory).
+    /// SQLite database file (default: a file in the temporary directory; the lab wants a
+    /// new file and refuses an existing one, and by default uses a fresh temporary one).
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// FoundationDB cluster file (default: the system's).

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use idem_conformance::{available, StoreFactory};
 use idem_core::{Barrier, Error, Failure, Key, Outcome, RunError, State, Store};
 use idem_etcd::EtcdStore;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Rounds of fresh keys run until [`CANCELLATIONS`] calls were cancelled (how many a round
 /// gives depends on the machine's speed), at most this many.
@@ -42,15 +44,10 @@ fn lock(l: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
     l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A small xorshift; the cancellation points only need to vary.
+/// Cancellation points from `seed`: they only need to vary, and repeat with the seed.
 fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
-    let mut s = seed | 1;
-    move |n| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s % n
-    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    move |n| rng.random_range(0..n)
 }
 
 async fn client(

@@ -25,6 +25,8 @@ use idem_core::{
 };
 use idem_sqlite::rusqlite::Connection;
 use idem_sqlite::{SqliteOperation, SqliteOptions, SqliteStore};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 const ROUNDS: usize = 8;
 const KEYS: usize = 40;
@@ -47,15 +49,10 @@ fn lock(l: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
     l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A small xorshift; the cancellation points only need to vary.
+/// Cancellation points from `seed`: they only need to vary, and repeat with the seed.
 fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
-    let mut s = seed | 1;
-    move |n| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s % n
-    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    move |n| rng.random_range(0..n)
 }
 
 /// Polls `fut` at most `polls` times: `None` if it was still pending (it is then dropped).

@@ -8,9 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use idem::etcd::etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 use idem::etcd::{EtcdOptions, EtcdStore};
-use idem::{DynStore, Error, Fingerprint, Key, ManualClock};
+use idem::{DynStore, Error};
 
-use super::{lab_key, tally_rows, LabBackend, Ledger, Leg, Tally, TxAnswer, TxPayment};
+use super::{lab_key, tally_rows, LabBackend, Ledger, Leg, Tally};
 
 const PREFIX: &str = "idem-lab/";
 /// Keys one page of the ledger scan reads.
@@ -174,15 +174,5 @@ impl LabBackend for EtcdLab {
 
     fn ledger(&self) -> &dyn Ledger {
         self
-    }
-
-    async fn transactional(
-        &self,
-        _: &ManualClock,
-        _: &Key,
-        _: Fingerprint,
-        _: TxPayment,
-    ) -> Option<TxAnswer> {
-        None
     }
 }

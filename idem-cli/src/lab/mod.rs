@@ -36,6 +36,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 pub use self::redis::unlink_matching;
+use crate::error::CliError;
+use crate::scratch::ScratchDb;
 use crate::target::{BackendKind, Target};
 use report::{Counts, StrategyReport};
 
@@ -95,7 +97,7 @@ impl LabConfig {
 /// Runs every strategy on the backend of `target`, prints the table (or JSON), and answers
 /// whether no barrier strategy violated exactly-once. Unresolved requests and the naive
 /// strategies' duplicates are shown, never a failure.
-pub async fn run(target: &Target, config: &LabConfig, json: bool) -> Result<bool, Error> {
+pub async fn run(target: &Target, config: &LabConfig, json: bool) -> Result<bool, CliError> {
     config.validate()?;
     let backend = open(target).await?;
     let mut reports = Vec::new();
@@ -120,14 +122,11 @@ pub async fn run(target: &Target, config: &LabConfig, json: bool) -> Result<bool
 }
 
 /// The lab backend of `target`, with its tables or key spaces created.
-async fn open(target: &Target) -> Result<Arc<dyn LabBackend>, Error> {
+async fn open(target: &Target) -> Result<Arc<dyn LabBackend>, CliError> {
     Ok(match target.backend {
         BackendKind::Sqlite => {
-            let path = target.db("idem-lab.db");
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-            }
-            Arc::new(sqlite::SqliteLab::open(&path).await?)
+            let db = ScratchDb::new(target.db.as_deref(), "idem-lab.db")?;
+            Arc::new(sqlite::SqliteLab::open(db).await?)
         }
         BackendKind::Postgres => Arc::new(postgres::PgLab::connect(&target.url()?, 32).await?),
         BackendKind::Mysql => Arc::new(mysql::MySqlLab::connect(&target.url()?, 32).await?),
@@ -229,15 +228,17 @@ pub trait LabBackend: Send + Sync {
     fn store(&self) -> DynStore;
     /// The ledger and the naive strategies' keys.
     fn ledger(&self) -> &dyn Ledger;
-    /// The transactional barrier; `None` if the backend has none (its store does not
-    /// declare `transactional`).
+    /// The transactional barrier; `None` (the default) if the backend has none (its store
+    /// does not declare `transactional`).
     async fn transactional(
         &self,
-        clock: &ManualClock,
-        key: &Key,
-        fp: Fingerprint,
-        p: TxPayment,
-    ) -> Option<TxAnswer>;
+        _clock: &ManualClock,
+        _key: &Key,
+        _fp: Fingerprint,
+        _p: TxPayment,
+    ) -> Option<TxAnswer> {
+        None
+    }
 }
 
 /// Counts ledger rows given as (payment, leg name) pairs, for the stores that keep one key

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use idem::redis::{redis, RedisOptions, RedisStore};
-use idem::{DynStore, Error, Fingerprint, Key, ManualClock};
+use idem::{DynStore, Error};
 
-use super::{lab_key, LabBackend, Ledger, Leg, Tally, TxAnswer, TxPayment};
+use super::{lab_key, LabBackend, Ledger, Leg, Tally};
 
 pub struct RedisLab {
     store: RedisStore,
@@ -175,15 +175,5 @@ impl LabBackend for RedisLab {
 
     fn ledger(&self) -> &dyn Ledger {
         self
-    }
-
-    async fn transactional(
-        &self,
-        _: &ManualClock,
-        _: &Key,
-        _: Fingerprint,
-        _: TxPayment,
-    ) -> Option<TxAnswer> {
-        None
     }
 }

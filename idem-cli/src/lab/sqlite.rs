@@ -7,10 +7,14 @@ use async_trait::async_trait;
 use idem::sqlite::{rusqlite, SqliteStore};
 use idem::{Barrier, DynStore, Error, Failure, Fingerprint, Key, ManualClock, TxPolicy};
 
+use crate::scratch::ScratchDb;
+
 use super::{lab_key, LabBackend, Ledger, Leg, Tally, TxAnswer, TxPayment, WORKER_DIED};
 
 pub struct SqliteLab {
     store: SqliteStore,
+    /// The lab's own file, kept (and, if temporary, removed) with the lab.
+    _db: ScratchDb,
 }
 
 const SQLITE_SCHEMA: &str = "
@@ -21,12 +25,12 @@ CREATE TABLE IF NOT EXISTS lab_ttl_keys (k TEXT PRIMARY KEY, expires_at INTEGER 
 ";
 
 impl SqliteLab {
-    pub async fn open(path: &std::path::Path) -> Result<Self, Error> {
-        let store = SqliteStore::connect(path).await?;
+    pub async fn open(db: ScratchDb) -> Result<Self, Error> {
+        let store = SqliteStore::connect(db.path()).await?;
         store
             .with_connection(|c| c.execute_batch(SQLITE_SCHEMA))
             .await?;
-        Ok(SqliteLab { store })
+        Ok(SqliteLab { store, _db: db })
     }
 }
 

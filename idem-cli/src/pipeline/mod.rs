@@ -12,6 +12,7 @@
 mod bus;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use clap::{Args, ValueEnum};
 use idem::postgres::{sqlx, PgOperation, PgStore};
 use idem::sqlite::{rusqlite, SqliteOperation, SqliteStore};
 use idem::{Barrier, Error, Failure, Key, TxPolicy};
-use idem_broker::{ConsumerBarrier, Delivery, Handled, Incoming, Publisher};
+use idem_broker::{ConsumeError, ConsumerBarrier, Delivery, Handled, Incoming, Publisher};
 use idem_outbox::{OutboxStore, Outgoing, PgOutbox, Relay, SqliteOutbox};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -96,6 +97,8 @@ struct Chaos {
 #[derive(Debug, Default)]
 struct Faults {
     client_retries: AtomicUsize,
+    /// Retryable errors (a store or broker hiccup) that a client or the consumer retried.
+    transient: AtomicUsize,
     relay_kills: AtomicUsize,
     consumer_kills: AtomicUsize,
     lost_acks: AtomicUsize,
@@ -106,9 +109,19 @@ struct Faults {
 /// Runs the pipeline; `Ok(false)` if the ledger has a duplicate or a lost message.
 pub async fn run(args: PipelineArgs) -> Result<bool, Error> {
     let fault_rate = args.fault_rate.clamp(0.0, 1.0);
-    let run_id = format!("{}_{}", std::process::id(), nanos());
-    let scratch = std::env::temp_dir().join(format!("idem-pipeline-{run_id}"));
-    std::fs::create_dir_all(&scratch).map_err(Error::permanent)?;
+    // Unique per run, also between runs of one process at once: the broker's stream or
+    // queue and PostgreSQL's schema are named after it.
+    let run_id = format!(
+        "{}_{}_{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed),
+        nanos()
+    );
+    let scratch_dir = tempfile::Builder::new()
+        .prefix("idem-pipeline-")
+        .tempdir()
+        .map_err(Error::permanent)?;
+    let scratch = scratch_dir.path();
     let (bus, inbox) = bus::connect(args.broker, &args, &run_id).await?;
     let faults = Arc::new(Faults::default());
     let progress = ProgressBar::new(args.orders as u64);
@@ -141,13 +154,16 @@ pub async fn run(args: PipelineArgs) -> Result<bool, Error> {
             for order in &orders {
                 let retries = usize::from(chaos.rng.random_bool(fault_rate));
                 for attempt in 0..=retries {
-                    let replayed = sqlite_order(&barrier, &outbox, order, bus.subject()).await?;
+                    let replayed = place(&faults, || {
+                        sqlite_order(&barrier, &outbox, order, bus.subject())
+                    })
+                    .await?;
                     if attempt > 0 && replayed {
                         faults.client_retries.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
-            flow(outbox, &bus, inbox, &orders, &scratch, &mut chaos).await
+            flow(outbox, &bus, inbox, &orders, scratch, &mut chaos).await
         }
         BackendArg::Postgres => {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -173,14 +189,16 @@ pub async fn run(args: PipelineArgs) -> Result<bool, Error> {
             for order in &orders {
                 let retries = usize::from(chaos.rng.random_bool(fault_rate));
                 for attempt in 0..=retries {
-                    let replayed =
-                        pg_order(&barrier, &outbox, &schema, order, bus.subject()).await?;
+                    let replayed = place(&faults, || {
+                        pg_order(&barrier, &outbox, &schema, order, bus.subject())
+                    })
+                    .await?;
                     if attempt > 0 && replayed {
                         faults.client_retries.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
-            let result = flow(outbox, &bus, inbox, &orders, &scratch, &mut chaos).await;
+            let result = flow(outbox, &bus, inbox, &orders, scratch, &mut chaos).await;
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
                 .execute(&pool)
                 .await
@@ -190,7 +208,7 @@ pub async fn run(args: PipelineArgs) -> Result<bool, Error> {
     };
     progress.finish_and_clear();
     bus.cleanup().await;
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch_dir);
     let ledger = result?;
     Ok(report(&orders, &ledger, &faults, args.backend, args.broker))
 }
@@ -198,6 +216,28 @@ pub async fn run(args: PipelineArgs) -> Result<bool, Error> {
 /// The order id and amount as the event's payload.
 fn payload(order: &str) -> Vec<u8> {
     format!("{order}:100").into_bytes()
+}
+
+/// How many times a client retries one order after a retryable error.
+const CLIENT_ATTEMPTS: u32 = 5;
+
+/// Places an order as a client does: a retryable error (a store hiccup) is retried after a
+/// short pause, a few times; anything else is the answer.
+async fn place<Fut>(faults: &Faults, mut attempt: impl FnMut() -> Fut) -> Result<bool, Error>
+where
+    Fut: Future<Output = Result<bool, Error>>,
+{
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_retryable() && tries < CLIENT_ATTEMPTS => {
+                faults.transient.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20) * tries).await;
+                tries += 1;
+            }
+            answer => return answer,
+        }
+    }
 }
 
 /// The order operation's key.
@@ -447,12 +487,17 @@ async fn consume(
             key: key.clone(),
             payload: message.payload().to_vec(),
         });
-        let fresh = !consumer
+        let fresh = match consumer
             .barrier()
             .transaction(&key, Some(fingerprint), TxPolicy::Wait, op)
             .await
-            .map_err(run_error)?
-            .replayed;
+            .map_err(run_error)
+        {
+            Ok(response) => !response.replayed,
+            // Nothing recorded, nothing settled: the broker delivers it again.
+            Err(e) if e.is_retryable() => return Ok(transient(faults)),
+            Err(e) => return Err(e),
+        };
         if fault == Fault::Kill {
             faults.consumer_kills.fetch_add(1, Ordering::Relaxed);
             return Ok(Step::Abandoned { fresh });
@@ -464,11 +509,16 @@ async fn consume(
             .map_err(Error::permanent)?;
         return Ok(Step::Settled { fresh });
     }
-    match consumer
-        .handle_transaction(&message, apply)
-        .await
-        .map_err(Error::permanent)?
-    {
+    let handled = match consumer.handle_transaction(&message, apply).await {
+        Ok(handled) => handled,
+        // The barrier failed retryably (and naked the message), or the broker did not take
+        // the settlement: either way the message comes back, and its redelivery replays or
+        // executes. The consumer lets go of it.
+        Err(ConsumeError::Barrier(e)) if e.is_retryable() => return Ok(transient(faults)),
+        Err(ConsumeError::Settle { .. }) => return Ok(transient(faults)),
+        Err(e) => return Err(Error::permanent(e)),
+    };
+    match handled {
         Handled::Completed { replayed, .. } => {
             if replayed {
                 faults.replays.fetch_add(1, Ordering::Relaxed);
@@ -479,6 +529,12 @@ async fn consume(
         Handled::Retry { .. } | Handled::Busy { .. } => Ok(Step::Settled { fresh: false }),
         Handled::Rejected(why) => Err(Error::permanent(why)),
     }
+}
+
+/// A message the consumer lets go of after a retryable error, counted.
+fn transient(faults: &Faults) -> Step {
+    faults.transient.fetch_add(1, Ordering::Relaxed);
+    Step::Abandoned { fresh: false }
 }
 
 /// Prints the table; `true` if every order is in the ledger exactly once.
@@ -524,6 +580,11 @@ fn report(
         "replays (duplicates absorbed by the barrier)",
         get(&faults.replays)
     );
+    println!(
+        "{:<48} {:>6}",
+        "retryable errors retried (client, consumer)",
+        get(&faults.transient)
+    );
     println!("{:<48} {:>6}", "ledger duplicates", duplicates);
     println!("{:<48} {:>6}", "ledger lost", lost);
     let ok = duplicates == 0 && lost == 0;
@@ -536,6 +597,9 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
+
+/// Pipeline runs started by this process.
+static RUNS: AtomicUsize = AtomicUsize::new(0);
 
 fn nanos() -> u32 {
     std::time::SystemTime::now()
