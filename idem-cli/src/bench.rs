@@ -38,7 +38,8 @@ pub struct BenchArgs {
     /// Server URL (defaults as for `lab`).
     #[arg(long)]
     url: Option<String>,
-    /// SQLite database file (default: a fresh file in the temporary directory; recreated).
+    /// SQLite database file (default: `idem-bench.db` in the temporary directory). The
+    /// benchmark recreates its own `idem_bench_*` tables in it and touches nothing else.
     #[arg(long)]
     db: Option<PathBuf>,
     /// Seconds per round of a measurement.
