@@ -149,3 +149,30 @@ fn a_share_outside_zero_to_one_is_refused() {
         "{out:?}"
     );
 }
+
+#[test]
+fn the_lab_and_the_demo_refuse_an_existing_file_and_leave_it_untouched() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("mine.db");
+    std::fs::write(&path, b"not the lab's").expect("a file of the user's");
+    for args in [
+        &["lab", "--payments", "10", "--db"][..],
+        &["demo", "--db"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(args)
+            .arg(&path)
+            .output()
+            .expect("the idem binary runs");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("exists"),
+            "{args:?}: {out:?}"
+        );
+        assert_eq!(
+            std::fs::read(&path).expect("the file is still there"),
+            b"not the lab's",
+            "{args:?} touched the file"
+        );
+    }
+}

@@ -619,6 +619,43 @@ mod tests {
         args: PipelineArgs,
     }
 
+    #[tokio::test]
+    async fn a_client_retries_retryable_errors_a_few_times_and_nothing_else() {
+        let faults = Faults::default();
+        let calls = AtomicUsize::new(0);
+        // Two store hiccups, then the answer.
+        let placed = place(&faults, || async {
+            match calls.fetch_add(1, Ordering::Relaxed) {
+                0 | 1 => Err(Error::retryable("connection reset")),
+                _ => Ok(true),
+            }
+        })
+        .await;
+        assert!(matches!(placed, Ok(true)), "{placed:?}");
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
+        assert_eq!(faults.transient.load(Ordering::Relaxed), 2);
+
+        // A permanent error is the answer at once.
+        calls.store(0, Ordering::Relaxed);
+        let placed = place(&faults, || async {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Err::<bool, _>(Error::permanent("no such table"))
+        })
+        .await;
+        assert!(placed.is_err_and(|e| !e.is_retryable()));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+
+        // A store that keeps failing gets CLIENT_ATTEMPTS tries, then its error.
+        calls.store(0, Ordering::Relaxed);
+        let placed = place(&faults, || async {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Err::<bool, _>(Error::retryable("down"))
+        })
+        .await;
+        assert!(placed.is_err_and(|e| e.is_retryable()));
+        assert_eq!(calls.load(Ordering::Relaxed), CLIENT_ATTEMPTS as usize);
+    }
+
     /// Runs a small pipeline; skipped with a note when a service is unreachable, unless
     /// `IDEM_TEST_REQUIRE` names it.
     async fn pipeline(backend: &str, broker: &str, service: &str) {
