@@ -174,6 +174,9 @@ bugs! {
     TxIgnoresLiveLease => ["tx_mixed_modes"];
     /// Implements transactional mode but does not declare it.
     TxNotDeclared => ["tx_commit_once"];
+    /// `Optimistic` commits its outcome whatever the key holds: a retry or a duplicate
+    /// commits again.
+    TxOptimisticOverwrites => ["tx_optimistic"];
 }
 
 /// Where a [`LabStore`]'s records live: the "disk" that reopened handles and second handles
@@ -779,8 +782,11 @@ impl TransactionalStore for LabStore {
             let notified = self.disk.changed.notified();
             {
                 let mut st = self.disk.lock();
+                let overwrites =
+                    request.policy == TxPolicy::Optimistic && self.has(Bug::TxOptimisticOverwrites);
                 let busy = st.open.contains(&slot)
-                    && !(waited && self.has(Bug::TxWaitersAllRunAfterRollback));
+                    && !(waited && self.has(Bug::TxWaitersAllRunAfterRollback))
+                    && !overwrites;
                 if busy {
                     let no_wait =
                         request.policy == TxPolicy::NoWait && !self.has(Bug::TxNoWaitBlocks);
@@ -793,6 +799,7 @@ impl TransactionalStore for LabStore {
                 } else {
                     let rec = Self::read(&st, &slot, key);
                     let seen = match (self.bug, &rec) {
+                        _ if overwrites => None,
                         (Some(Bug::TxIgnoresLiveLease), Some(r))
                             if matches!(r.state, State::InProgress { .. }) =>
                         {

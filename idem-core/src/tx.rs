@@ -38,7 +38,11 @@ use crate::store::Store;
 ///
 /// A concurrent `transact` on the same key never runs its operation while the first can
 /// still commit: it waits and then replays or executes ([`TxPolicy::Wait`]) or returns
-/// [`crate::Error::InProgress`] ([`TxPolicy::NoWait`]). If the commit's result is unknown
+/// [`crate::Error::InProgress`] ([`TxPolicy::NoWait`]). The one exception is
+/// [`TxPolicy::Optimistic`], which a store may honour by running the operation before it
+/// claims the key; then a duplicate's operation may run, but its transaction never commits
+/// when the key already has an outcome or a live claim (a store that does not claim at
+/// commit runs it as [`TxPolicy::Wait`]). If the commit's result is unknown
 /// (a dropped connection), the store answers a retryable [`crate::Error::Store`]; the
 /// next request then replays or executes, never both.
 pub trait TransactionalStore: Store {
@@ -70,6 +74,8 @@ impl<S: TransactionalStore> Barrier<S> {
     /// replays or executes, never both. A concurrent
     /// duplicate waits for the first and replays it ([`TxPolicy::Wait`]) or gets
     /// [`Error::InProgress`] at once ([`TxPolicy::NoWait`]); it never executes twice.
+    /// [`TxPolicy::Optimistic`] trades that last promise for one statement fewer: the
+    /// operation may run and be rolled back, and the key still never commits twice.
     pub async fn transaction<T, F, E>(
         &self,
         key: &Key,

@@ -30,7 +30,7 @@
 //! | atomic claim | every operation is one transaction that reads the record (a read conflict on its key) and writes the next version: of concurrent claims exactly one commits, the others are retried and see it |
 //! | fenced completion | `complete`, `fail`, `extend`, `release` check the token inside their transaction |
 //! | linearizable | FoundationDB transactions are strictly serializable |
-//! | transactional | the operation gets the claim's `&Transaction`; claim, business writes and outcome commit together. **FoundationDB may run the operation more than once** (after a conflict or a retryable error it retries the whole transaction): it must touch nothing but the transaction it is given; only the committed run has an effect. Duplicates never block: they run optimistically, one commits, the others replay its outcome (`TxPolicy::Wait` and `NoWait` behave alike). A permanent failure resets the transaction, claims again and records `Failed` |
+//! | transactional | the operation gets the claim's `&Transaction`; claim, business writes and outcome commit together. **FoundationDB may run the operation more than once** (after a conflict or a retryable error it retries the whole transaction): it must touch nothing but the transaction it is given; only the committed run has an effect. Duplicates never block: they run optimistically, one commits, the others replay its outcome (`TxPolicy::Wait` and `NoWait` behave alike). A permanent failure resets the transaction, claims again and records `Failed` `TxPolicy::Optimistic` runs as `Wait` |
 //! | durable, survives failover | once FoundationDB acknowledges the commit (synchronous replication per the cluster's redundancy mode) |
 //! | shared across processes | yes, across machines |
 //!

@@ -22,6 +22,8 @@ pub(crate) struct Sql {
     pub begin: Arc<str>,
     /// Transactional mode's first try: insert a fresh claim, nothing on conflict.
     pub claim_fresh: Arc<str>,
+    /// `TxPolicy::Optimistic`'s claim at commit: the outcome as the key's record.
+    pub claim_outcome: Arc<str>,
     pub finish: Arc<str>,
     pub extend: Arc<str>,
     pub release: Arc<str>,
@@ -103,6 +105,28 @@ impl Sql {
                                   reclaimed, created_at, updated_at, expires_at)
                  VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6)
                  ON CONFLICT (scope, id) DO NOTHING"
+            )
+            .into(),
+            // A key never seen gets its outcome straight away. A row whose lease has expired
+            // or was released (and whose fingerprint agrees) is taken over with the outcome,
+            // its token raised as a reclaim raises it. Any other row (an outcome, a live
+            // lease, a mismatch) is left alone: no row changes.
+            // A conflicting row that is not committed yet is waited for, then judged.
+            claim_outcome: format!(
+                "INSERT INTO {t} AS r (scope, id, fingerprint, state, token, lease_until, response,
+                                      reclaimed, created_at, updated_at, expires_at)
+                 VALUES ($1, $2, $3, $4, 1, NULL, $5, false, $6, $6, $7)
+                 ON CONFLICT (scope, id) DO UPDATE SET
+                     state = EXCLUDED.state,
+                     token = r.token + 1,
+                     lease_until = NULL,
+                     response = EXCLUDED.response,
+                     reclaimed = r.lease_until <> {RELEASED},
+                     fingerprint = COALESCE(r.fingerprint, EXCLUDED.fingerprint),
+                     updated_at = EXCLUDED.updated_at,
+                     expires_at = EXCLUDED.expires_at
+                 WHERE r.state = 'in_progress' AND r.lease_until <= $6
+                   AND (r.fingerprint IS NULL OR $3::bytea IS NULL OR r.fingerprint = $3)"
             )
             .into(),
             finish: format!(

@@ -1,11 +1,13 @@
 //! Transactional mode: claim, business writes and outcome in one PostgreSQL transaction.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use idem_core::backend::detach::{detached, forget};
-use idem_core::backend::{settle, step, AsyncTxFn, Step, TxRequest};
+use idem_core::backend::{model, settle, step, AsyncTxFn, Step, TxRequest};
 use idem_core::{
     Begin, Deadlines, Error, Failure, Fingerprint, Key, Lease, Response, RunError, Timestamp,
     TransactionalStore, TxPolicy, NO_WAIT_RETRY_AFTER,
@@ -13,10 +15,10 @@ use idem_core::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, PgConnection, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
 
 use crate::error::{is_lock_timeout, map_err};
-use crate::store::{Finish, PgStore};
+use crate::store::{record, Finish, PgStore};
 
 /// The operation [`PgStore`] runs in transactional mode: it receives the claim's
 /// transaction (as a connection inside it) and writes business rows through it.
@@ -65,6 +67,9 @@ const BEGIN: &str = "BEGIN";
 /// before the operation runs.
 const BEGIN_NO_WAIT: &str = "BEGIN; SET LOCAL lock_timeout = '1ms'";
 const RESET_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout TO DEFAULT";
+/// Rolls a permanent failure's business writes back and opens, in the same message, the
+/// transaction that records it (sqlx's transaction goes on).
+const ROLLBACK_AND_CHAIN: &str = "ROLLBACK AND CHAIN";
 
 impl TransactionalStore for PgStore {
     type Operation<T, F, E> = PgOperation<T, F, E>;
@@ -97,6 +102,7 @@ impl TransactionalStore for PgStore {
         E: Send + 'static,
     {
         let store = self.clone();
+        let optimistic = request.policy == TxPolicy::Optimistic;
         let request = Request {
             key: request.key.clone(),
             fingerprint: request.fingerprint,
@@ -105,6 +111,9 @@ impl TransactionalStore for PgStore {
             now: request.now,
             no_wait: request.policy == TxPolicy::NoWait,
         };
+        if optimistic {
+            return detached(async move { store.speculate(request, op).await }, forget).await;
+        }
         detached(async move { store.run(request, op).await }, forget).await
     }
 }
@@ -154,6 +163,124 @@ async fn rolled_back<T, F, E>(
 }
 
 impl PgStore {
+    /// A [`TxPolicy::Optimistic`] request, on the transaction's own task: the operation
+    /// first, then the claim with the outcome, then the commit.
+    async fn speculate<T, F, E>(
+        &self,
+        request: Request,
+        op: PgOperation<T, F, E>,
+    ) -> Answer<T, F, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Serialize + DeserializeOwned,
+    {
+        let conn = self.pool.acquire().await.map_err(map_err)?;
+        let mut session = Session { conn, open: false };
+
+        session.open = true;
+        let mut tx = begin(&mut session.conn, false).await?;
+        let result = match AssertUnwindSafe(op(&mut tx)).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                tx.rollback().await.map_err(map_err)?;
+                session.open = false;
+                std::panic::resume_unwind(panic);
+            }
+        };
+        let settled = match settle(result) {
+            Ok(settled) => settled,
+            Err(error) => {
+                tx.rollback().await.map_err(map_err)?;
+                session.open = false;
+                // A duplicate's operation can fail only because the first one's writes
+                // committed (a unique business key): if the key has an answer, that is it.
+                return match self.judge(&mut session.conn, &request).await? {
+                    Some(answer) => answer,
+                    None => Err(error),
+                };
+            }
+        };
+        if settled.failed {
+            // The business writes go; the transaction goes on, to record `Failed`.
+            sqlx::raw_sql(ROLLBACK_AND_CHAIN)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        let claimed = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.claim_outcome)))
+            .bind(request.key.scope())
+            .bind(request.key.id())
+            .bind(
+                request
+                    .fingerprint
+                    .as_ref()
+                    .map(|f| f.as_bytes().as_slice()),
+            )
+            .bind(if settled.failed {
+                "failed"
+            } else {
+                "completed"
+            })
+            .bind(settled.bytes.as_slice())
+            .bind(request.now.as_millis())
+            .bind(request.expires_at.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if claimed.rows_affected() == 1 {
+            // If the connection drops here the commit's fate is unknown: the retryable
+            // error sends the client back, and its retry replays or executes, never both.
+            tx.commit().await.map_err(map_err)?;
+            session.open = false;
+            return Ok(settled.into_response());
+        }
+        // The key has a record this request may not take: nothing of the operation stays.
+        tx.rollback().await.map_err(map_err)?;
+        session.open = false;
+        match self.judge(&mut session.conn, &request).await? {
+            Some(answer) => answer,
+            // Free again (released, expired or purged since the claim): the operation has
+            // run and cannot run again in this call.
+            None => Err(Error::InProgress {
+                retry_after: Duration::ZERO,
+            }
+            .into()),
+        }
+    }
+
+    /// Reads the key's record on `conn` (outside any transaction) and judges it as `begin`
+    /// would: the answer (a replay or a refusal), or `None` if the request could take the
+    /// key (no record, or a lease expired or released).
+    async fn judge<T, F, E>(
+        &self,
+        conn: &mut PgConnection,
+        request: &Request,
+    ) -> Result<Option<Answer<T, F, E>>, Error>
+    where
+        T: DeserializeOwned,
+        F: DeserializeOwned,
+    {
+        let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.get)))
+            .bind(request.key.scope())
+            .bind(request.key.id())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let existing = row.map(|r| record(&request.key, &r)).transpose()?;
+        let (answer, _) = model::begin(
+            existing.as_ref(),
+            &request.key,
+            request.fingerprint.as_ref(),
+            request.deadlines,
+            request.now,
+        );
+        Ok(match step(answer, request.now) {
+            Ok(Step::Acquired(_)) => None,
+            Ok(Step::Replay(replay)) => Some(replay.decode().map_err(RunError::from)),
+            Err(refused) => Some(Err(refused.into())),
+        })
+    }
+
     /// The whole transactional request, on the transaction's own task.
     async fn run<T, F, E>(
         &self,

@@ -386,10 +386,10 @@ fn cancelled_calls_never_execute_twice_nor_dirty_the_pool() {
                     let answer = if leased(k) {
                         maybe_cancel(&mut rng, lease_call(k, attempt, hold)).await
                     } else {
-                        let policy = if rng.random_bool(0.5) {
-                            TxPolicy::Wait
-                        } else {
-                            TxPolicy::NoWait
+                        let policy = match rng.random_range(0..3) {
+                            0 => TxPolicy::Wait,
+                            1 => TxPolicy::NoWait,
+                            _ => TxPolicy::Optimistic,
                         };
                         let the_key = key(k);
                         let call =

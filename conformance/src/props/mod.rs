@@ -117,6 +117,10 @@ macro_rules! __properties {
             /// Transactional outcomes keep the caller's retention and are purged exactly like
             /// lease-mode ones.
             TxRetention tx_retention Tx Transactional tx::retention;
+            /// `TxPolicy::Optimistic` (the operation first, the claim at commit): one commit,
+            /// replays, mismatch, rollbacks, a permanent failure, lease-mode claims and
+            /// concurrent duplicates, as with `Wait`.
+            TxOptimistic tx_optimistic Tx Transactional tx::optimistic;
             /// Transactions failed before the claim, inside the work, at commit and dropped at
             /// every await point: nothing partial remains and a retry ends correctly, once.
             TxCrashPoints tx_crash_points Tx Transactional crash::tx_crash_points;

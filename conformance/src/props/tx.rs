@@ -39,6 +39,8 @@ where
     store: Arc<F::Store>,
     clock: ManualClock,
     barrier: Barrier<F::Store>,
+    /// The policy of [`TxEnv::tx`]'s calls.
+    policy: TxPolicy,
 }
 
 impl<'a, F> TxEnv<'a, F>
@@ -47,6 +49,11 @@ where
     F::Store: TransactionalStore,
 {
     async fn new(f: &'a F, cx: &Cx) -> Result<Self, String> {
+        Self::with_policy(f, cx, TxPolicy::Wait).await
+    }
+
+    /// [`TxEnv::new`] whose calls run with `policy` unless a call says otherwise.
+    async fn with_policy(f: &'a F, cx: &Cx, policy: TxPolicy) -> Result<Self, String> {
         let Env {
             store,
             clock,
@@ -58,17 +65,19 @@ where
             store,
             clock,
             barrier,
+            policy,
         })
     }
 
-    /// A transaction on `k` that writes `rows` business rows and commits, with `Wait` and
-    /// without fingerprint; [`Call`]'s builders change the rest.
+    /// A transaction on `k` that writes `rows` business rows and commits, with the
+    /// environment's policy (`Wait` unless it says otherwise) and without fingerprint;
+    /// [`Call`]'s builders change the rest.
     fn tx<'c>(&'c self, k: &'c Key, rows: u32) -> Call<'c, F> {
         Call {
             env: self,
             key: k,
             fp: None,
-            policy: TxPolicy::Wait,
+            policy: self.policy,
             plan: TxPlan {
                 rows,
                 hold: Duration::ZERO,
@@ -368,6 +377,112 @@ where
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// `TxPolicy::Optimistic` (which a store may honour by running the operation before it
+/// claims the key, and otherwise runs as `Wait`): commit once, replay without writing,
+/// mismatch, nothing left by a rollback or a crash, a permanent failure, a live and an
+/// expired lease-mode claim with its zombie fenced, and concurrent duplicates of which
+/// exactly one commits and every other replays it.
+pub(crate) async fn optimistic<F>(f: &F, cx: &Cx) -> Check
+where
+    F: TxFactory,
+    F::Store: TransactionalStore,
+{
+    let env = TxEnv::with_policy(f, cx, TxPolicy::Optimistic).await?;
+    let (fp, other) = (
+        Some(Fingerprint::of_bytes(b"order=1")),
+        Some(Fingerprint::of_bytes(b"order=2")),
+    );
+    let k = key("tx-optimistic", "commit")?;
+    let first = env.tx(&k, 3).fp(fp).fresh("the first transaction").await?;
+    outcome("the first transaction", &first, Outcome::Completed(3))?;
+    env.clock.advance(TTL_TRAP_JUMP);
+    let again = env.tx(&k, 3).fp(fp).replay("a retry").await?;
+    outcome("a retry", &again, Outcome::Completed(3))?;
+    env.tx(&k, 3)
+        .fp(other)
+        .refused(Refusal::Mismatch, "a retry with another payload")
+        .await?;
+    env.expect_rows(&k, 3, "after the retries (which must not write again)")
+        .await?;
+    let rec = env.store.get(&k).await.map_err(err)?;
+    ensure!(
+        matches!(
+            rec.as_ref().map(|r| &r.state),
+            Some(State::Completed { .. })
+        ) && rec.as_ref().and_then(|r| r.fingerprint) == fp,
+        "the committed record is {rec:?}"
+    );
+
+    let k = key("tx-optimistic", "ghost")?;
+    env.tx(&k, 2)
+        .end(TxEnd::Retryable)
+        .refused(Refusal::RolledBack, "a retryable failure")
+        .await?;
+    env.expect_nothing(&k, "a rolled-back transaction").await?;
+    let crashed = env.tx(&k, 2).end(TxEnd::Panic).spawn().await;
+    ensure!(
+        crashed.as_ref().is_err_and(|e| e.is_panic()),
+        "the simulated crash did not happen: {crashed:?}"
+    );
+    env.expect_nothing(&k, "a crashed transaction").await?;
+    env.tx(&k, 2).fresh("the retry after a crash").await?;
+    env.expect_rows(&k, 2, "after a crash and its retry")
+        .await?;
+
+    let k = key("tx-optimistic", "declined")?;
+    let declined = || Outcome::Failed("declined".into());
+    let r = env
+        .tx(&k, 2)
+        .end(TxEnd::Permanent)
+        .fresh("a permanent failure")
+        .await?;
+    outcome("a permanent failure", &r, declined())?;
+    let again = env.tx(&k, 2).replay("its retry").await?;
+    outcome("the retry of a permanent failure", &again, declined())?;
+    env.expect_rows(&k, 0, "after a permanent failure and its retry")
+        .await?;
+
+    let k = key("tx-optimistic", "lease")?;
+    let lease = acquire(&*env.store, &k, None, env.clock.now(), cx).await?;
+    env.tx(&k, 1)
+        .refused(Refusal::InProgress, "a transaction beside a live lease")
+        .await?;
+    env.expect_rows(&k, 0, "beside a live lease").await?;
+    env.clock.advance(cx.lease() + Duration::from_secs(1));
+    env.tx(&k, 1)
+        .fresh("the transaction on a key with an expired lease (it must reclaim it)")
+        .await?;
+    env.zombie_complete(&lease, "the zombie's complete after an optimistic reclaim")
+        .await?;
+    let rec = record(&*env.store, &k).await?;
+    ensure!(
+        rec.token > lease.token && matches!(rec.state, State::Completed { .. }),
+        "after an optimistic reclaim the record is {rec:?} (the zombie held {:?})",
+        lease.token
+    );
+    env.expect_rows(&k, 1, "after the reclaim").await?;
+
+    for round in 0..(TX_ROUNDS * cx.scale()) {
+        let k = key("tx-optimistic-race", &round.to_string())?;
+        let hold = Duration::from_millis(30);
+        let tasks = at_once((0..TX_DUPLICATES).map(|_| env.tx(&k, 1).hold(hold).detached()));
+        let what = format!("Optimistic round {round}");
+        let Tally {
+            fresh,
+            replays,
+            busy,
+        } = tally(cx, tasks, false, &what).await?;
+        let n = env.rows(&k).await?;
+        ensure!(
+            fresh == 1 && replays == TX_DUPLICATES - 1 && n == 1,
+            "{what}: {TX_DUPLICATES} concurrent duplicates: {fresh} executed, \
+             {replays} replayed, {busy} in progress, {n} business rows \
+             (expected one execution, every other replaying it, one row)"
+        );
     }
     Ok(())
 }

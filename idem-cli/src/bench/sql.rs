@@ -8,6 +8,8 @@
 //!   idempotency row (`ON CONFLICT DO NOTHING`), the business insert, save the response
 //!   with an `UPDATE`, commit.
 //! - `barrier-tx`: the business insert inside [`Barrier::transaction`].
+//! - `barrier-tx-optimistic` (stores that claim at commit): the same with
+//!   [`TxPolicy::Optimistic`], the operation first and the key claimed with its outcome.
 //! - `barrier-lease`: lease mode's `begin` + `complete` on fresh keys, no business write.
 //! - `pk-select`: a primary-key `SELECT` of a business row.
 //! - `replay`: `begin` on a completed key (the barrier's answer to a retry).
@@ -41,6 +43,9 @@ pub trait SqlBench: Send + Sync + 'static {
     type Store: TransactionalStore + Clone + Send + Sync + 'static;
     /// The backend's name in the output.
     const BACKEND: &'static str;
+    /// Whether the store honours [`TxPolicy::Optimistic`] (others run it as `Wait`, so
+    /// `barrier-tx-optimistic` would measure `barrier-tx` again).
+    const OPTIMISTIC: bool = false;
     /// The store, on the tables `setup` created.
     fn store(&self) -> &Self::Store;
     /// The business calls the barrier is compared with.
@@ -58,6 +63,18 @@ const WORKLOADS: &[&str] = &[
     "insert-own-txn",
     "handrolled",
     "barrier-tx",
+    "barrier-lease",
+    "pk-select",
+    "replay",
+];
+
+/// [`WORKLOADS`] with `barrier-tx-optimistic`, for stores that claim at commit.
+const WORKLOADS_OPTIMISTIC: &[&str] = &[
+    "insert",
+    "insert-own-txn",
+    "handrolled",
+    "barrier-tx",
+    "barrier-tx-optimistic",
     "barrier-lease",
     "pk-select",
     "replay",
@@ -91,6 +108,25 @@ const COMPARISONS: &[Comparison] = &[
         without: "pk-select",
         what: "a replay vs a primary-key SELECT",
     },
+];
+
+/// [`COMPARISONS`] with the optimistic transaction's, for stores that claim at commit.
+const COMPARISONS_OPTIMISTIC: &[Comparison] = &[
+    COMPARISONS[0],
+    COMPARISONS[1],
+    Comparison {
+        with: "barrier-tx-optimistic",
+        without: "insert-own-txn",
+        what: "the optimistic transactional barrier vs the same insert in its own transaction",
+    },
+    Comparison {
+        with: "barrier-tx-optimistic",
+        without: "handrolled",
+        what: "the optimistic transactional barrier vs the hand-rolled pattern",
+    },
+    COMPARISONS[2],
+    COMPARISONS[3],
+    COMPARISONS[4],
 ];
 
 /// The completed keys `replay` begins on; `pk-select` reads their business rows.
@@ -142,6 +178,32 @@ impl<B: SqlBench> SqlSuite<B> {
         Ok(keys)
     }
 
+    /// The business insert of a fresh row in [`Barrier::transaction`] with `policy`.
+    async fn transactions(
+        &self,
+        policy: TxPolicy,
+        clients: usize,
+        seconds: f64,
+    ) -> Result<Measured, Error> {
+        let (barrier, round) = (
+            self.barrier.clone(),
+            self.round.fetch_add(1, Ordering::Relaxed),
+        );
+        measure(clients, seconds, move |c, n| {
+            let barrier = barrier.clone();
+            async move {
+                let id = format!("tx-{round}-{c}-{n}");
+                let key = Key::new("bench", id.clone())?;
+                barrier
+                    .transaction(&key, None, policy, B::operation(id))
+                    .await
+                    .map_err(|e| Error::Config(format!("transaction ({policy:?}): {e}")))
+                    .map(drop)
+            }
+        })
+        .await
+    }
+
     /// `call` on a fresh row `{name}-{round}-{client}-{n}` each time.
     async fn fresh(
         &self,
@@ -168,11 +230,19 @@ impl<B: SqlBench> Suite for SqlSuite<B> {
     }
 
     fn workloads(&self) -> &'static [&'static str] {
-        WORKLOADS
+        if B::OPTIMISTIC {
+            WORKLOADS_OPTIMISTIC
+        } else {
+            WORKLOADS
+        }
     }
 
     fn comparisons(&self) -> &'static [Comparison] {
-        COMPARISONS
+        if B::OPTIMISTIC {
+            COMPARISONS_OPTIMISTIC
+        } else {
+            COMPARISONS
+        }
     }
 
     fn scale_workloads(&self) -> &'static [&'static str] {
@@ -199,21 +269,10 @@ impl<B: SqlBench> Suite for SqlSuite<B> {
                 self.fresh(workload, clients, seconds, |b, k| b.handrolled(k))
                     .await
             }
-            "barrier-tx" => {
-                let barrier = self.barrier.clone();
-                measure(clients, seconds, move |c, n| {
-                    let barrier = barrier.clone();
-                    async move {
-                        let id = format!("tx-{round}-{c}-{n}");
-                        let key = Key::new("bench", id.clone())?;
-                        barrier
-                            .transaction(&key, None, TxPolicy::Wait, B::operation(id))
-                            .await
-                            .map_err(|e| Error::Config(format!("barrier-tx: {e}")))
-                            .map(drop)
-                    }
-                })
-                .await
+            "barrier-tx" => self.transactions(TxPolicy::Wait, clients, seconds).await,
+            "barrier-tx-optimistic" if B::OPTIMISTIC => {
+                self.transactions(TxPolicy::Optimistic, clients, seconds)
+                    .await
             }
             "barrier-lease" => {
                 lease_pairs(vec![self.barrier.clone()], clients, seconds, round).await
