@@ -200,6 +200,7 @@ impl LabBackend for FdbLab {
         key: &Key,
         fp: Fingerprint,
         p: TxPayment,
+        policy: TxPolicy,
     ) -> Option<TxAnswer> {
         let barrier =
             Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
@@ -226,6 +227,6 @@ impl LabBackend for FdbLab {
                 Ok(p.amount)
             })
         });
-        Some(barrier.transaction(key, Some(fp), TxPolicy::Wait, op).await)
+        Some(barrier.transaction(key, Some(fp), policy, op).await)
     }
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use idem::{
     Barrier, Clock, DynStore, Error, Fingerprint, Key, ManualClock, Response, RunError, Started,
-    SystemClock,
+    SystemClock, TxPolicy,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -101,7 +101,10 @@ pub async fn run(target: &Target, config: &LabConfig, json: bool) -> Result<bool
     config.validate()?;
     let backend = open(target).await?;
     let mut reports = Vec::new();
-    for strategy in Strategy::ALL {
+    let strategies = Strategy::ALL
+        .into_iter()
+        .filter(|s| *s != Strategy::BarrierOptimistic || backend.claims_at_commit());
+    for strategy in strategies {
         backend.ledger().reset().await?;
         reports.push(run_strategy(Arc::clone(&backend), strategy, config, json).await?);
     }
@@ -228,16 +231,23 @@ pub trait LabBackend: Send + Sync {
     fn store(&self) -> DynStore;
     /// The ledger and the naive strategies' keys.
     fn ledger(&self) -> &dyn Ledger;
-    /// The transactional barrier; `None` (the default) if the backend has none (its store
-    /// does not declare `transactional`).
+    /// The transactional barrier with `policy`; `None` (the default) if the backend has
+    /// none (its store does not declare `transactional`).
     async fn transactional(
         &self,
         _clock: &ManualClock,
         _key: &Key,
         _fp: Fingerprint,
         _p: TxPayment,
+        _policy: TxPolicy,
     ) -> Option<TxAnswer> {
         None
+    }
+    /// Whether the store claims at commit under [`TxPolicy::Optimistic`] (the default: no,
+    /// it runs it as `Wait`, so the optimistic strategy would repeat the transactional one
+    /// and is left out).
+    fn claims_at_commit(&self) -> bool {
+        false
     }
 }
 
@@ -304,14 +314,18 @@ pub enum Strategy {
     TtlCache,
     BarrierLease,
     BarrierTransactional,
+    /// The transactional barrier with `TxPolicy::Optimistic`, on stores that claim at
+    /// commit.
+    BarrierOptimistic,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 4] = [
+    pub const ALL: [Strategy; 5] = [
         Strategy::CheckThenInsert,
         Strategy::TtlCache,
         Strategy::BarrierLease,
         Strategy::BarrierTransactional,
+        Strategy::BarrierOptimistic,
     ];
 
     pub fn name(self) -> &'static str {
@@ -320,6 +334,7 @@ impl Strategy {
             Strategy::TtlCache => "ttl-cache (24h)",
             Strategy::BarrierLease => "barrier (lease)",
             Strategy::BarrierTransactional => "barrier (transactional)",
+            Strategy::BarrierOptimistic => "barrier (optimistic tx)",
         }
     }
 
@@ -329,6 +344,7 @@ impl Strategy {
             Strategy::TtlCache => "ttl",
             Strategy::BarrierLease => "lease",
             Strategy::BarrierTransactional => "tx",
+            Strategy::BarrierOptimistic => "opt",
         }
     }
 
@@ -336,7 +352,7 @@ impl Strategy {
     pub fn is_barrier(self) -> bool {
         matches!(
             self,
-            Strategy::BarrierLease | Strategy::BarrierTransactional
+            Strategy::BarrierLease | Strategy::BarrierTransactional | Strategy::BarrierOptimistic
         )
     }
 }
@@ -500,8 +516,13 @@ impl Run {
                 }
                 Answer::of_result(handle.complete(&amount).await, Answer::Executed)
             }
-            Strategy::BarrierTransactional => {
-                let key = match Key::new("lab/payments-tx", p.payment.clone()) {
+            Strategy::BarrierTransactional | Strategy::BarrierOptimistic => {
+                let policy = if self.strategy == Strategy::BarrierOptimistic {
+                    TxPolicy::Optimistic
+                } else {
+                    TxPolicy::Wait
+                };
+                let key = match Key::new(format!("lab/payments-{tag}"), p.payment.clone()) {
                     Ok(key) => key,
                     Err(e) => return Answer::of(&e),
                 };
@@ -515,7 +536,7 @@ impl Run {
                 };
                 match self
                     .backend
-                    .transactional(&self.clock, &key, Self::fp(amount), payment)
+                    .transactional(&self.clock, &key, Self::fp(amount), payment, policy)
                     .await
                 {
                     Some(Ok(r)) if r.replayed => Answer::Replayed,
@@ -626,7 +647,11 @@ async fn run_strategy(
     quiet: bool,
 ) -> Result<StrategyReport, Error> {
     let store = backend.store();
-    if strategy == Strategy::BarrierTransactional && !store.guarantees().transactional {
+    let transactional = matches!(
+        strategy,
+        Strategy::BarrierTransactional | Strategy::BarrierOptimistic
+    );
+    if transactional && !store.guarantees().transactional {
         return Ok(StrategyReport::not_applicable(strategy, backend.name()));
     }
     let planned = Arc::new(plan(config));

@@ -89,11 +89,12 @@ impl LabBackend for MySqlLab {
         key: &Key,
         fp: Fingerprint,
         p: TxPayment,
+        policy: TxPolicy,
     ) -> Option<TxAnswer> {
         let barrier =
             Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
         let op: MySqlOperation<i64, String, String> =
             Box::new(move |conn| Box::pin(transact_legs::<MySql>(conn, INSERT, p)));
-        Some(barrier.transaction(key, Some(fp), TxPolicy::Wait, op).await)
+        Some(barrier.transaction(key, Some(fp), policy, op).await)
     }
 }

@@ -76,17 +76,22 @@ impl LabBackend for PgLab {
         &self.ledger
     }
 
+    fn claims_at_commit(&self) -> bool {
+        true
+    }
+
     async fn transactional(
         &self,
         clock: &ManualClock,
         key: &Key,
         fp: Fingerprint,
         p: TxPayment,
+        policy: TxPolicy,
     ) -> Option<TxAnswer> {
         let barrier =
             Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
         let op: PgOperation<i64, String, String> =
             Box::new(move |conn| Box::pin(transact_legs::<Postgres>(conn, INSERT, p)));
-        Some(barrier.transaction(key, Some(fp), TxPolicy::Wait, op).await)
+        Some(barrier.transaction(key, Some(fp), policy, op).await)
     }
 }

@@ -129,7 +129,10 @@ impl StrategyReport {
             + r.lease_lost
             + r.retryable_errors
             + r.permanent_errors;
-        let atomic = run.strategy == Strategy::BarrierTransactional;
+        let atomic = matches!(
+            run.strategy,
+            Strategy::BarrierTransactional | Strategy::BarrierOptimistic
+        );
         for p in planned {
             let (d, c) = ledger.get(p.payment.as_str()).copied().unwrap_or((0, 0));
             let settled = run.settled[p.index].load(Ordering::Relaxed);

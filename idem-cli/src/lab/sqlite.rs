@@ -162,6 +162,7 @@ impl LabBackend for SqliteLab {
         key: &Key,
         fp: Fingerprint,
         p: TxPayment,
+        policy: TxPolicy,
     ) -> Option<TxAnswer> {
         let barrier =
             Barrier::new(Arc::new(self.store.clone())).with_clock(Arc::new(clock.clone()));
@@ -176,6 +177,6 @@ impl LabBackend for SqliteLab {
             sqlite_insert(tx, p.strategy, &p.payment, Leg::Credit, p.amount, None).map_err(fail)?;
             Ok(p.amount)
         });
-        Some(barrier.transaction(key, Some(fp), TxPolicy::Wait, op).await)
+        Some(barrier.transaction(key, Some(fp), policy, op).await)
     }
 }
