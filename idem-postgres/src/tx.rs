@@ -151,6 +151,24 @@ impl Drop for Session {
 /// A transactional request's answer.
 type Answer<T, F, E> = Result<Response<T, F>, RunError<E>>;
 
+/// Runs `op` in `tx` and gives both back. If it panics (the worker "died" before commit),
+/// rolls everything back and clears `open` before the panic goes on, so a retry finds the
+/// key free at once rather than locked by a transaction the server has not yet seen end.
+async fn operate<'c, T, F, E>(
+    mut tx: Transaction<'c, Postgres>,
+    open: &mut bool,
+    op: PgOperation<T, F, E>,
+) -> Result<(Transaction<'c, Postgres>, Result<T, Failure<F, E>>), Error> {
+    match AssertUnwindSafe(op(&mut tx)).catch_unwind().await {
+        Ok(result) => Ok((tx, result)),
+        Err(panic) => {
+            tx.rollback().await.map_err(map_err)?;
+            *open = false;
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
 /// Rolls `tx` back, marks the session out of its transaction, and gives `answer`.
 async fn rolled_back<T, F, E>(
     tx: Transaction<'_, Postgres>,
@@ -178,15 +196,8 @@ impl PgStore {
         let mut session = Session { conn, open: false };
 
         session.open = true;
-        let mut tx = begin(&mut session.conn, false).await?;
-        let result = match AssertUnwindSafe(op(&mut tx)).catch_unwind().await {
-            Ok(result) => result,
-            Err(panic) => {
-                tx.rollback().await.map_err(map_err)?;
-                session.open = false;
-                std::panic::resume_unwind(panic);
-            }
-        };
+        let tx = begin(&mut session.conn, false).await?;
+        let (mut tx, result) = operate(tx, &mut session.open, op).await?;
         let settled = match settle(result) {
             Ok(settled) => settled,
             Err(error) => {
@@ -300,17 +311,7 @@ impl PgStore {
             Ok(lease) => lease,
             Err(answer) => return rolled_back(tx, &mut session.open, answer).await,
         };
-        let result = match AssertUnwindSafe(op(&mut tx)).catch_unwind().await {
-            Ok(result) => result,
-            Err(panic) => {
-                // The worker "died" before commit: roll everything back before the panic
-                // goes on, so a retry finds the key free at once rather than locked by a
-                // transaction the server has not yet seen end.
-                tx.rollback().await.map_err(map_err)?;
-                session.open = false;
-                std::panic::resume_unwind(panic);
-            }
-        };
+        let (mut tx, result) = operate(tx, &mut session.open, op).await?;
         let settled = match settle(result) {
             Ok(settled) => settled,
             Err(retryable) => return rolled_back(tx, &mut session.open, Err(retryable)).await,

@@ -109,6 +109,27 @@ where
         Ok(())
     }
 
+    /// A live lease-mode claim on `k`: a transaction beside it must not run. Once that lease
+    /// expires a transaction reclaims the key, and the old holder (a zombie) is fenced.
+    /// Returns the zombie's lease.
+    async fn reclaim_after_a_live_lease(&self, k: &Key) -> Result<Lease, String> {
+        let lease = acquire(&*self.store, k, None, self.clock.now(), &self.cx).await?;
+        self.tx(k, 1)
+            .refused(Refusal::InProgress, "a transaction beside a live lease")
+            .await?;
+        self.expect_rows(k, 0, "beside a live lease").await?;
+        self.clock.advance(self.cx.lease() + Duration::from_secs(1));
+        self.tx(k, 1)
+            .fresh("the transaction on a key with an expired lease (it must reclaim it)")
+            .await?;
+        self.zombie_complete(
+            &lease,
+            "the zombie's complete after a transactional reclaim",
+        )
+        .await?;
+        Ok(lease)
+    }
+
     /// `complete` through `zombie`, a lease the store no longer honours, answers `LeaseLost`.
     async fn zombie_complete(&self, zombie: &Lease, what: &str) -> Check {
         let now = self.clock.now();
@@ -273,19 +294,28 @@ where
     F::Store: TransactionalStore,
 {
     let env = TxEnv::new(f, cx).await?;
-    let k = key("tx", "commit-once")?;
+    commits_once(&env, &key("tx", "commit-once")?).await
+}
+
+/// `k` commits once with the fingerprint of `order=1`; retries after the TTL-trap jump
+/// replay it and write nothing; the record keeps the fingerprint.
+async fn commits_once<F>(env: &TxEnv<'_, F>, k: &Key) -> Check
+where
+    F: TxFactory,
+    F::Store: TransactionalStore,
+{
     let fp = Some(Fingerprint::of_bytes(b"order=1"));
-    let first = env.tx(&k, 3).fp(fp).fresh("the first transaction").await?;
+    let first = env.tx(k, 3).fp(fp).fresh("the first transaction").await?;
     outcome("the first transaction", &first, Outcome::Completed(3))?;
-    env.expect_rows(&k, 3, "after the commit").await?;
+    env.expect_rows(k, 3, "after the commit").await?;
     env.clock.advance(TTL_TRAP_JUMP);
     for _ in 0..3 {
-        let again = env.tx(&k, 3).fp(fp).replay("a retry").await?;
+        let again = env.tx(k, 3).fp(fp).replay("a retry").await?;
         outcome("a retry", &again, Outcome::Completed(3))?;
     }
-    env.expect_rows(&k, 3, "after the retries (which must not write again)")
+    env.expect_rows(k, 3, "after the retries (which must not write again)")
         .await?;
-    let rec = env.store.get(&k).await.map_err(err)?;
+    let rec = env.store.get(k).await.map_err(err)?;
     ensure!(
         matches!(
             rec.as_ref().map(|r| &r.state),
@@ -303,19 +333,7 @@ where
 {
     let env = TxEnv::new(f, cx).await?;
     let k = key("tx", "ghost")?;
-    env.tx(&k, 3)
-        .end(TxEnd::Retryable)
-        .refused(Refusal::RolledBack, "a retryable failure")
-        .await?;
-    env.expect_nothing(&k, "a rolled-back transaction").await?;
-
-    // The worker dies mid-operation (a panic before commit).
-    let crashed = env.tx(&k, 3).end(TxEnd::Panic).spawn().await;
-    ensure!(
-        crashed.as_ref().is_err_and(|e| e.is_panic()),
-        "the simulated crash did not happen: {crashed:?}"
-    );
-    env.expect_nothing(&k, "a crashed transaction").await?;
+    rollbacks_leave_nothing(&env, &k).await?;
 
     env.tx(&k, 3)
         .policy(TxPolicy::NoWait)
@@ -323,6 +341,26 @@ where
         .await?;
     env.tx(&k, 3).replay("the second retry").await?;
     env.expect_rows(&k, 3, "after crash and retries").await
+}
+
+/// A retryable failure on `k`, then a worker that dies mid-operation (a panic before
+/// commit), each after writing three rows: neither leaves rows or a record.
+async fn rollbacks_leave_nothing<F>(env: &TxEnv<'_, F>, k: &Key) -> Check
+where
+    F: TxFactory,
+    F::Store: TransactionalStore,
+{
+    env.tx(k, 3)
+        .end(TxEnd::Retryable)
+        .refused(Refusal::RolledBack, "a retryable failure")
+        .await?;
+    env.expect_nothing(k, "a rolled-back transaction").await?;
+    let crashed = env.tx(k, 3).end(TxEnd::Panic).spawn().await;
+    ensure!(
+        crashed.as_ref().is_err_and(|e| e.is_panic()),
+        "the simulated crash did not happen: {crashed:?}"
+    );
+    env.expect_nothing(k, "a crashed transaction").await
 }
 
 pub(crate) async fn permanent_failure<F>(f: &F, cx: &Cx) -> Check
@@ -392,43 +430,17 @@ where
     F::Store: TransactionalStore,
 {
     let env = TxEnv::with_policy(f, cx, TxPolicy::Optimistic).await?;
-    let (fp, other) = (
-        Some(Fingerprint::of_bytes(b"order=1")),
-        Some(Fingerprint::of_bytes(b"order=2")),
-    );
     let k = key("tx-optimistic", "commit")?;
-    let first = env.tx(&k, 3).fp(fp).fresh("the first transaction").await?;
-    outcome("the first transaction", &first, Outcome::Completed(3))?;
-    env.clock.advance(TTL_TRAP_JUMP);
-    let again = env.tx(&k, 3).fp(fp).replay("a retry").await?;
-    outcome("a retry", &again, Outcome::Completed(3))?;
+    commits_once(&env, &k).await?;
     env.tx(&k, 3)
-        .fp(other)
+        .fp(Some(Fingerprint::of_bytes(b"order=2")))
         .refused(Refusal::Mismatch, "a retry with another payload")
         .await?;
-    env.expect_rows(&k, 3, "after the retries (which must not write again)")
+    env.expect_rows(&k, 3, "after a retry with another payload")
         .await?;
-    let rec = env.store.get(&k).await.map_err(err)?;
-    ensure!(
-        matches!(
-            rec.as_ref().map(|r| &r.state),
-            Some(State::Completed { .. })
-        ) && rec.as_ref().and_then(|r| r.fingerprint) == fp,
-        "the committed record is {rec:?}"
-    );
 
     let k = key("tx-optimistic", "ghost")?;
-    env.tx(&k, 2)
-        .end(TxEnd::Retryable)
-        .refused(Refusal::RolledBack, "a retryable failure")
-        .await?;
-    env.expect_nothing(&k, "a rolled-back transaction").await?;
-    let crashed = env.tx(&k, 2).end(TxEnd::Panic).spawn().await;
-    ensure!(
-        crashed.as_ref().is_err_and(|e| e.is_panic()),
-        "the simulated crash did not happen: {crashed:?}"
-    );
-    env.expect_nothing(&k, "a crashed transaction").await?;
+    rollbacks_leave_nothing(&env, &k).await?;
     env.tx(&k, 2).fresh("the retry after a crash").await?;
     env.expect_rows(&k, 2, "after a crash and its retry")
         .await?;
@@ -447,17 +459,7 @@ where
         .await?;
 
     let k = key("tx-optimistic", "lease")?;
-    let lease = acquire(&*env.store, &k, None, env.clock.now(), cx).await?;
-    env.tx(&k, 1)
-        .refused(Refusal::InProgress, "a transaction beside a live lease")
-        .await?;
-    env.expect_rows(&k, 0, "beside a live lease").await?;
-    env.clock.advance(cx.lease() + Duration::from_secs(1));
-    env.tx(&k, 1)
-        .fresh("the transaction on a key with an expired lease (it must reclaim it)")
-        .await?;
-    env.zombie_complete(&lease, "the zombie's complete after an optimistic reclaim")
-        .await?;
+    let lease = env.reclaim_after_a_live_lease(&k).await?;
     let rec = record(&*env.store, &k).await?;
     ensure!(
         rec.token > lease.token && matches!(rec.state, State::Completed { .. }),
@@ -506,24 +508,8 @@ where
     env.expect_rows(&k, 1, "after a mismatched transaction")
         .await?;
 
-    // A live lease-mode claim on the key: the transaction must not run.
     let live = key("tx-mixed", "live-lease")?;
-    let lease = acquire(&*env.store, &live, None, env.clock.now(), cx).await?;
-    env.tx(&live, 1)
-        .refused(Refusal::InProgress, "a transaction beside a live lease")
-        .await?;
-    env.expect_rows(&live, 0, "beside a live lease").await?;
-
-    // Once that lease expires the transaction reclaims the key, and the zombie is fenced.
-    env.clock.advance(cx.lease() + Duration::from_secs(1));
-    env.tx(&live, 1)
-        .fresh("the transaction on a key with an expired lease (it must reclaim it)")
-        .await?;
-    env.zombie_complete(
-        &lease,
-        "the zombie's complete after a transactional reclaim",
-    )
-    .await?;
+    env.reclaim_after_a_live_lease(&live).await?;
     env.expect_rows(&live, 1, "after the reclaim").await
 }
 
