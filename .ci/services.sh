@@ -109,8 +109,11 @@ ensure_rabbitmq() {
 
 ensure_etcd() {
     # The cluster tests start their own etcd members on loopback ports (see scripts/cluster.sh);
-    # they only need the binaries.
-    command -v etcd >/dev/null 2>&1 || apt_install etcd-server etcd-client
+    # they only need the binaries: etcd, and etcdctl for their health checks (a machine can
+    # have the server package without the client one).
+    if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
+        apt_install etcd-server etcd-client
+    fi
 }
 
 ensure_protoc() {
