@@ -73,9 +73,9 @@ trait Suite: Send + Sync {
     /// The backend's name in the output (`postgres`).
     fn backend(&self) -> &'static str;
     /// The workloads, in the order they run.
-    fn workloads(&self) -> &'static [&'static str];
+    fn workloads(&self) -> Vec<&'static str>;
     /// The ratios the table prints.
-    fn comparisons(&self) -> &'static [Comparison];
+    fn comparisons(&self) -> Vec<Comparison>;
     /// The workloads measured again at each stored-record count (none: not supported).
     fn scale_workloads(&self) -> &'static [&'static str];
     /// Runs `workload` from `clients` concurrent clients for `seconds`.
@@ -138,7 +138,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Error> {
     if args.json {
         report::print_json(&samples);
     } else {
-        report::print_table(&samples, suite.comparisons(), args.seconds, args.rounds);
+        report::print_table(&samples, &suite.comparisons(), args.seconds, args.rounds);
     }
     Ok(())
 }
@@ -163,7 +163,7 @@ async fn measure_all(
     );
     let mut samples = Vec::with_capacity(total);
     for &c in clients {
-        let measured = rounds(suite, suite.workloads(), c, args, &progress, "").await?;
+        let measured = rounds(suite, &suite.workloads(), c, args, &progress, "").await?;
         samples.extend(
             measured
                 .into_iter()

@@ -49,6 +49,11 @@ pub trait TransactionalStore: Store {
     /// The operation this store accepts: a closure over the store's own transaction.
     type Operation<T, F, E>: Send;
 
+    /// Whether the store honours [`TxPolicy::Optimistic`] by claiming the key at commit
+    /// (after the operation). `false`, the default: it runs `Optimistic` as
+    /// [`TxPolicy::Wait`].
+    const CLAIMS_AT_COMMIT: bool = false;
+
     /// Runs `op` in one transaction with the claim and the outcome.
     fn transact<T, F, E>(
         &self,

@@ -43,6 +43,22 @@ impl Sql {
         );
         let columns =
             "fingerprint, state, token, lease_until, response, created_at, updated_at, expires_at";
+        // The one rule for taking over an existing row (`r`, in an `ON CONFLICT` clause):
+        // a lease that has expired by `now` or was released, and fingerprints that agree
+        // (`$3` is always the request's). And what a takeover always writes: the next
+        // token, whether it reclaims a live holder's lease, the fingerprint kept.
+        let claimable = |now: &str| {
+            format!(
+                "r.state = 'in_progress' AND r.lease_until <= {now}
+                   AND (r.fingerprint IS NULL OR $3::bytea IS NULL OR r.fingerprint = $3)"
+            )
+        };
+        let takeover = format!(
+            "token = r.token + 1,
+                     reclaimed = r.lease_until <> {RELEASED},
+                     fingerprint = COALESCE(r.fingerprint, EXCLUDED.fingerprint),
+                     updated_at = EXCLUDED.updated_at"
+        );
         let schema = schema_sql(table);
         Sql {
             // Concurrent migrations (a fleet deploying at once) queue on one advisory lock
@@ -74,14 +90,10 @@ impl Sql {
                          WHERE e.state <> 'in_progress' OR e.lease_until > $5
                             OR (e.fingerprint IS NOT NULL AND $3::bytea IS NOT NULL AND e.fingerprint <> $3))
                     ON CONFLICT (scope, id) DO UPDATE SET
-                        token = r.token + 1,
+                        {takeover},
                         lease_until = EXCLUDED.lease_until,
-                        reclaimed = r.lease_until <> {RELEASED},
-                        fingerprint = COALESCE(r.fingerprint, EXCLUDED.fingerprint),
-                        updated_at = EXCLUDED.updated_at,
                         expires_at = GREATEST(r.expires_at, EXCLUDED.expires_at)
-                    WHERE r.state = 'in_progress' AND r.lease_until <= $5
-                      AND (r.fingerprint IS NULL OR $3::bytea IS NULL OR r.fingerprint = $3)
+                    WHERE {}
                     RETURNING r.token, r.reclaimed
                  )
                  SELECT true AS claimed, token, reclaimed,
@@ -92,7 +104,8 @@ impl Sql {
                  UNION ALL
                  SELECT false, token, reclaimed, fingerprint, state, lease_until, response,
                         created_at, updated_at, expires_at
-                   FROM existing WHERE NOT EXISTS (SELECT 1 FROM claimed)"
+                   FROM existing WHERE NOT EXISTS (SELECT 1 FROM claimed)",
+                claimable("$5")
             )
             .into(),
             // The common case of transactional mode, a key never seen, without `begin`'s
@@ -117,16 +130,13 @@ impl Sql {
                                       reclaimed, created_at, updated_at, expires_at)
                  VALUES ($1, $2, $3, $4, 1, NULL, $5, false, $6, $6, $7)
                  ON CONFLICT (scope, id) DO UPDATE SET
+                     {takeover},
                      state = EXCLUDED.state,
-                     token = r.token + 1,
                      lease_until = NULL,
                      response = EXCLUDED.response,
-                     reclaimed = r.lease_until <> {RELEASED},
-                     fingerprint = COALESCE(r.fingerprint, EXCLUDED.fingerprint),
-                     updated_at = EXCLUDED.updated_at,
                      expires_at = EXCLUDED.expires_at
-                 WHERE r.state = 'in_progress' AND r.lease_until <= $6
-                   AND (r.fingerprint IS NULL OR $3::bytea IS NULL OR r.fingerprint = $3)"
+                 WHERE {}",
+                claimable("$6")
             )
             .into(),
             finish: format!(

@@ -194,6 +194,21 @@ impl PgStore {
         }))
     }
 
+    /// The record of `key`, read through `executor` (the pool, or a connection outside any
+    /// transaction).
+    pub(crate) async fn read<'e, X>(&self, executor: X, key: &Key) -> Result<Option<Record>, Error>
+    where
+        X: sqlx::Executor<'e, Database = sqlx::Postgres>,
+    {
+        let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.get)))
+            .bind(key.scope())
+            .bind(key.id())
+            .fetch_optional(executor)
+            .await
+            .map_err(map_err)?;
+        row.map(|r| record(key, &r)).transpose()
+    }
+
     /// The fenced `complete`/`fail` on `conn`.
     pub(crate) async fn finish_on(
         &self,
@@ -206,11 +221,7 @@ impl PgStore {
             .bind(lease.key.scope())
             .bind(lease.key.id())
             .bind(signed(lease.token)?)
-            .bind(if outcome.failed {
-                "failed"
-            } else {
-                "completed"
-            })
+            .bind(outcome.state())
             .bind(outcome.response)
             .bind(outcome.expires_at.as_millis())
             .bind(now.as_millis())
@@ -280,6 +291,17 @@ pub(crate) struct Finish<'a> {
     pub failed: bool,
     pub response: &'a [u8],
     pub expires_at: Timestamp,
+}
+
+impl Finish<'_> {
+    /// The stored state's name.
+    pub(crate) fn state(&self) -> &'static str {
+        if self.failed {
+            "failed"
+        } else {
+            "completed"
+        }
+    }
 }
 
 fn fenced(rows: u64) -> Result<(), Error> {
@@ -394,19 +416,7 @@ impl Store for PgStore {
 
     async fn get(&self, key: &Key) -> Result<Option<Record>, Error> {
         let (store, key) = (self.clone(), key.clone());
-        detached(
-            async move {
-                let row = sqlx::query(AssertSqlSafe(Arc::clone(&store.sql.get)))
-                    .bind(key.scope())
-                    .bind(key.id())
-                    .fetch_optional(&store.pool)
-                    .await
-                    .map_err(map_err)?;
-                row.map(|r| record(&key, &r)).transpose()
-            },
-            forget,
-        )
-        .await
+        detached(async move { store.read(&store.pool, &key).await }, forget).await
     }
 
     async fn purge(&self, now: Timestamp, batch: usize) -> Result<u64, Error> {

@@ -18,7 +18,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
 
 use crate::error::{is_lock_timeout, map_err};
-use crate::store::{record, Finish, PgStore};
+use crate::store::{Finish, PgStore};
 
 /// The operation [`PgStore`] runs in transactional mode: it receives the claim's
 /// transaction (as a connection inside it) and writes business rows through it.
@@ -73,6 +73,7 @@ const ROLLBACK_AND_CHAIN: &str = "ROLLBACK AND CHAIN";
 
 impl TransactionalStore for PgStore {
     type Operation<T, F, E> = PgOperation<T, F, E>;
+    const CLAIMS_AT_COMMIT: bool = true;
 
     /// Claim, business writes and outcome in one PostgreSQL transaction, run to its end on
     /// a task of its own: dropping the returned future does not interrupt it (see the crate
@@ -218,6 +219,11 @@ impl PgStore {
                 .await
                 .map_err(map_err)?;
         }
+        let outcome = Finish {
+            failed: settled.failed,
+            response: &settled.bytes,
+            expires_at: request.expires_at,
+        };
         let claimed = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.claim_outcome)))
             .bind(request.key.scope())
             .bind(request.key.id())
@@ -227,14 +233,10 @@ impl PgStore {
                     .as_ref()
                     .map(|f| f.as_bytes().as_slice()),
             )
-            .bind(if settled.failed {
-                "failed"
-            } else {
-                "completed"
-            })
-            .bind(settled.bytes.as_slice())
+            .bind(outcome.state())
+            .bind(outcome.response)
             .bind(request.now.as_millis())
-            .bind(request.expires_at.as_millis())
+            .bind(outcome.expires_at.as_millis())
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -271,13 +273,7 @@ impl PgStore {
         T: DeserializeOwned,
         F: DeserializeOwned,
     {
-        let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.get)))
-            .bind(request.key.scope())
-            .bind(request.key.id())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(map_err)?;
-        let existing = row.map(|r| record(&request.key, &r)).transpose()?;
+        let existing = self.read(&mut *conn, &request.key).await?;
         let (answer, _) = model::begin(
             existing.as_ref(),
             &request.key,

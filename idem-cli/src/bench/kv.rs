@@ -83,12 +83,12 @@ impl<B: KvBench> Suite for KvSuite<B> {
         B::BACKEND
     }
 
-    fn workloads(&self) -> &'static [&'static str] {
-        B::WORKLOADS
+    fn workloads(&self) -> Vec<&'static str> {
+        B::WORKLOADS.to_vec()
     }
 
-    fn comparisons(&self) -> &'static [Comparison] {
-        B::COMPARISONS
+    fn comparisons(&self) -> Vec<Comparison> {
+        B::COMPARISONS.to_vec()
     }
 
     fn scale_workloads(&self) -> &'static [&'static str] {

@@ -65,7 +65,6 @@ static STATEMENTS: Statements<Postgres> = Statements {
 impl SqlBench for PgBench {
     type Store = PgStore;
     const BACKEND: &'static str = "postgres";
-    const OPTIMISTIC: bool = true;
 
     fn store(&self) -> &PgStore {
         &self.store

@@ -43,9 +43,6 @@ pub trait SqlBench: Send + Sync + 'static {
     type Store: TransactionalStore + Clone + Send + Sync + 'static;
     /// The backend's name in the output.
     const BACKEND: &'static str;
-    /// Whether the store honours [`TxPolicy::Optimistic`] (others run it as `Wait`, so
-    /// `barrier-tx-optimistic` would measure `barrier-tx` again).
-    const OPTIMISTIC: bool = false;
     /// The store, on the tables `setup` created.
     fn store(&self) -> &Self::Store;
     /// The business calls the barrier is compared with.
@@ -63,22 +60,16 @@ const WORKLOADS: &[&str] = &[
     "insert-own-txn",
     "handrolled",
     "barrier-tx",
+    OPTIMISTIC,
     "barrier-lease",
     "pk-select",
     "replay",
 ];
 
-/// [`WORKLOADS`] with `barrier-tx-optimistic`, for stores that claim at commit.
-const WORKLOADS_OPTIMISTIC: &[&str] = &[
-    "insert",
-    "insert-own-txn",
-    "handrolled",
-    "barrier-tx",
-    "barrier-tx-optimistic",
-    "barrier-lease",
-    "pk-select",
-    "replay",
-];
+/// The workload only stores that claim at commit run
+/// ([`TransactionalStore::CLAIMS_AT_COMMIT`]): elsewhere `Optimistic` runs as `Wait`, and it
+/// would measure `barrier-tx` again.
+const OPTIMISTIC: &str = "barrier-tx-optimistic";
 
 const SCALE: &[&str] = &["insert-own-txn", "barrier-tx", "pk-select", "replay"];
 
@@ -92,6 +83,16 @@ const COMPARISONS: &[Comparison] = &[
         with: "barrier-tx",
         without: "handrolled",
         what: "the transactional barrier vs the hand-rolled pattern",
+    },
+    Comparison {
+        with: OPTIMISTIC,
+        without: "insert-own-txn",
+        what: "the optimistic transactional barrier vs the same insert in its own transaction",
+    },
+    Comparison {
+        with: OPTIMISTIC,
+        without: "handrolled",
+        what: "the optimistic transactional barrier vs the hand-rolled pattern",
     },
     Comparison {
         with: "barrier-tx",
@@ -108,25 +109,6 @@ const COMPARISONS: &[Comparison] = &[
         without: "pk-select",
         what: "a replay vs a primary-key SELECT",
     },
-];
-
-/// [`COMPARISONS`] with the optimistic transaction's, for stores that claim at commit.
-const COMPARISONS_OPTIMISTIC: &[Comparison] = &[
-    COMPARISONS[0],
-    COMPARISONS[1],
-    Comparison {
-        with: "barrier-tx-optimistic",
-        without: "insert-own-txn",
-        what: "the optimistic transactional barrier vs the same insert in its own transaction",
-    },
-    Comparison {
-        with: "barrier-tx-optimistic",
-        without: "handrolled",
-        what: "the optimistic transactional barrier vs the hand-rolled pattern",
-    },
-    COMPARISONS[2],
-    COMPARISONS[3],
-    COMPARISONS[4],
 ];
 
 /// The completed keys `replay` begins on; `pk-select` reads their business rows.
@@ -229,20 +211,22 @@ impl<B: SqlBench> Suite for SqlSuite<B> {
         B::BACKEND
     }
 
-    fn workloads(&self) -> &'static [&'static str] {
-        if B::OPTIMISTIC {
-            WORKLOADS_OPTIMISTIC
-        } else {
-            WORKLOADS
-        }
+    fn workloads(&self) -> Vec<&'static str> {
+        let optimistic = <B::Store as TransactionalStore>::CLAIMS_AT_COMMIT;
+        WORKLOADS
+            .iter()
+            .copied()
+            .filter(|w| optimistic || *w != OPTIMISTIC)
+            .collect()
     }
 
-    fn comparisons(&self) -> &'static [Comparison] {
-        if B::OPTIMISTIC {
-            COMPARISONS_OPTIMISTIC
-        } else {
-            COMPARISONS
-        }
+    fn comparisons(&self) -> Vec<Comparison> {
+        let optimistic = <B::Store as TransactionalStore>::CLAIMS_AT_COMMIT;
+        COMPARISONS
+            .iter()
+            .copied()
+            .filter(|c| optimistic || c.with != OPTIMISTIC)
+            .collect()
     }
 
     fn scale_workloads(&self) -> &'static [&'static str] {
@@ -270,7 +254,7 @@ impl<B: SqlBench> Suite for SqlSuite<B> {
                     .await
             }
             "barrier-tx" => self.transactions(TxPolicy::Wait, clients, seconds).await,
-            "barrier-tx-optimistic" if B::OPTIMISTIC => {
+            OPTIMISTIC if <B::Store as TransactionalStore>::CLAIMS_AT_COMMIT => {
                 self.transactions(TxPolicy::Optimistic, clients, seconds)
                     .await
             }

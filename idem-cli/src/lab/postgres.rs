@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use idem::postgres::sqlx::postgres::PgQueryResult;
 use idem::postgres::sqlx::{self, Postgres};
 use idem::postgres::{PgOperation, PgOptions, PgStore};
-use idem::{Barrier, DynStore, Error, Fingerprint, Key, ManualClock, TxPolicy};
+use idem::{Barrier, DynStore, Error, Fingerprint, Key, ManualClock, TransactionalStore, TxPolicy};
 
 use super::sql::{transact_legs, SqlLedger, Statements};
 use super::{LabBackend, Ledger, TxAnswer, TxPayment};
@@ -77,7 +77,7 @@ impl LabBackend for PgLab {
     }
 
     fn claims_at_commit(&self) -> bool {
-        true
+        <PgStore as TransactionalStore>::CLAIMS_AT_COMMIT
     }
 
     async fn transactional(
