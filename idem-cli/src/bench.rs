@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Skip the stored-record measurements.
     #[arg(long)]
     no_records: bool,
+    /// Only these workloads (comma-separated names; default: all of the backend's). A
+    /// ratio is printed when both of its workloads ran.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
     /// One JSON object per line on stdout instead of the table:
     /// {"backend","name","clients","ops_per_s","p50_us","p99_us"}, with "records" where the
     /// store was prefilled and "server_us_per_call" (per command) where the server reports
@@ -149,21 +153,22 @@ async fn measure_all(
     args: &BenchArgs,
     clients: &[usize],
 ) -> Result<Vec<Sample>, Error> {
-    let scale = if args.no_records {
-        &[][..]
+    let workloads = chosen(suite.workloads(), &args.workloads)?;
+    let scale: Vec<&'static str> = if args.no_records {
+        Vec::new()
     } else {
-        suite.scale_workloads()
+        let scale = suite.scale_workloads().iter().copied();
+        scale.filter(|w| workloads.contains(w)).collect()
     };
     let records: &[u64] = if scale.is_empty() { &[] } else { &args.records };
-    let total =
-        (suite.workloads().len() * clients.len() + scale.len() * records.len()) * args.rounds;
+    let total = (workloads.len() * clients.len() + scale.len() * records.len()) * args.rounds;
     let progress = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} (eta {eta})")
             .map_err(|e| Error::Config(e.to_string()))?,
     );
     let mut samples = Vec::with_capacity(total);
     for &c in clients {
-        let measured = rounds(suite, &suite.workloads(), c, args, &progress, "").await?;
+        let measured = rounds(suite, &workloads, c, args, &progress, "").await?;
         samples.extend(
             measured
                 .into_iter()
@@ -175,13 +180,28 @@ async fn measure_all(
         progress.set_message(format!("prefilling {n} records"));
         let stored = suite.prefill(n).await?;
         let at = format!(" at {stored} records");
-        let measured = rounds(suite, scale, scale_clients, args, &progress, &at).await?;
+        let measured = rounds(suite, &scale, scale_clients, args, &progress, &at).await?;
         samples.extend(measured.into_iter().map(|(name, summary)| {
             Sample::new(suite.backend(), name, scale_clients, Some(stored), summary)
         }));
     }
     progress.finish_and_clear();
     Ok(samples)
+}
+
+/// The workloads of `all` that `names` ask for, in `all`'s order (every one when `names` is
+/// empty); a name `all` does not have is an error that lists the names it has.
+fn chosen(all: Vec<&'static str>, names: &[String]) -> Result<Vec<&'static str>, Error> {
+    if let Some(unknown) = names.iter().find(|n| !all.contains(&n.as_str())) {
+        return Err(Error::Config(format!(
+            "no workload named {unknown} here; this backend has: {}",
+            all.join(", ")
+        )));
+    }
+    Ok(all
+        .into_iter()
+        .filter(|w| names.is_empty() || names.iter().any(|n| n == w))
+        .collect())
 }
 
 /// `args.rounds` rounds of every workload of `names` at `clients`, interleaved.
@@ -209,4 +229,22 @@ async fn rounds(
         .zip(runs)
         .map(|(&name, runs)| Ok((name, Summary::of(&runs)?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chosen;
+
+    #[test]
+    fn workloads_are_chosen_by_name_in_the_suites_order() {
+        let all = vec!["insert", "pk-select", "replay"];
+        assert_eq!(chosen(all.clone(), &[]).unwrap(), all);
+        let names = ["replay".to_string(), "insert".to_string()];
+        assert_eq!(chosen(all.clone(), &names).unwrap(), ["insert", "replay"]);
+        let err = chosen(all, &["replay-fast".to_string()]).unwrap_err();
+        assert!(
+            err.to_string().contains("replay-fast") && err.to_string().contains("pk-select"),
+            "{err}"
+        );
+    }
 }
