@@ -19,6 +19,9 @@ pub(crate) struct Sql {
     /// `migrate`: the DDL under a transaction-scoped advisory lock, one implicit
     /// transaction (one simple-query message).
     pub migrate: String,
+    /// `begin`'s first try: a fresh claim, or the row as the statement's snapshot shows it.
+    pub claim_or_read: Arc<str>,
+    /// `begin` when the first try could not decide: also takes over an expired lease.
     pub begin: Arc<str>,
     /// Transactional mode's first try: insert a fresh claim, nothing on conflict.
     pub claim_fresh: Arc<str>,
@@ -71,6 +74,32 @@ impl Sql {
             schema,
             exists: "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
             relations: (t.clone(), table.quoted_index()),
+            // The common cases in one cheap statement: insert a fresh claim, and otherwise
+            // read the row (in the statement's snapshot) for the caller to judge: a replay, a
+            // mismatch, a live lease. It cannot decide a row it could take over (an expired or
+            // released lease: `begin` does that atomically) nor a conflicting row committed
+            // after its snapshot was taken (no row at all comes back); then `begin` runs. A row
+            // purged after the snapshot and claimed again gives two rows, the claim first.
+            // Same parameters and columns as `begin`.
+            claim_or_read: format!(
+                "WITH claimed AS (
+                    INSERT INTO {t} (scope, id, fingerprint, state, token, lease_until, response,
+                                     reclaimed, created_at, updated_at, expires_at)
+                    VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6)
+                    ON CONFLICT (scope, id) DO NOTHING
+                    RETURNING true AS claimed, token, reclaimed,
+                              NULL::bytea AS fingerprint, NULL::text AS state,
+                              NULL::bigint AS lease_until, NULL::bytea AS response,
+                              NULL::bigint AS created_at, NULL::bigint AS updated_at,
+                              NULL::bigint AS expires_at
+                 )
+                 SELECT * FROM claimed
+                 UNION ALL
+                 SELECT false, token, reclaimed, fingerprint, state, lease_until, response,
+                        created_at, updated_at, expires_at
+                   FROM {t} WHERE scope = $1 AND id = $2"
+            )
+            .into(),
             // One statement, one round trip. `existing` reads the row; the insert runs only if
             // that row could be claimed (absent, or an expired lease with agreeing
             // fingerprints), so a replay or a live lease writes nothing and commits without

@@ -17,14 +17,16 @@ use crate::options::{PgOptions, TableName};
 use crate::sql::Sql;
 use idem_core::backend::detach::{detached, forget};
 
-/// How many times `begin` re-reads a key whose conflicting row its statement snapshot did
-/// not show yet (a concurrent transaction committed in between).
+/// How many times `begin`'s second statement re-reads a key whose conflicting row its
+/// statement snapshot did not show yet (a concurrent transaction committed in between).
 const CLAIM_ATTEMPTS: usize = 8;
 
 /// A strict, durable, transactional idempotency store in a PostgreSQL table.
 ///
-/// `begin` is one statement and one round trip on every path (fresh claim, reclaim,
-/// replay); `complete`, `fail`, `extend` and `release` are one fenced `UPDATE` each. Every
+/// `begin` is one statement and one round trip for a fresh claim, a replay, a mismatch and a
+/// live lease (a plain `INSERT … ON CONFLICT DO NOTHING` unioned with a read of the row);
+/// taking over an expired or released lease takes a second statement that does it
+/// atomically. `complete`, `fail`, `extend` and `release` are one fenced `UPDATE` each. Every
 /// call runs to its end on its own task (see the crate docs on cancellation).
 #[derive(Clone, Debug)]
 pub struct PgStore {
@@ -122,23 +124,34 @@ impl PgStore {
         deadlines: Deadlines,
         now: Timestamp,
     ) -> Result<Begin, Error> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            let row = sqlx::query(AssertSqlSafe(Arc::clone(&self.sql.begin)))
+        // First the cheap statement (a fresh claim, or the row to judge), then, if that
+        // could not decide, the one that can also take over an expired lease.
+        let first = std::iter::once(&self.sql.claim_or_read);
+        for statement in first.chain(std::iter::repeat_n(&self.sql.begin, CLAIM_ATTEMPTS)) {
+            let rows = sqlx::query(AssertSqlSafe(Arc::clone(statement)))
                 .bind(key.scope())
                 .bind(key.id())
                 .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
                 .bind(deadlines.lease_until.as_millis())
                 .bind(now.as_millis())
                 .bind(deadlines.expires_at.as_millis())
-                .fetch_optional(&mut *conn)
+                .fetch_all(&mut *conn)
                 .await
                 .map_err(map_err)?;
+            let corrupt = |e: sqlx::Error| Error::corrupt_key(key, e);
+            let claimed = |row: &PgRow| row.try_get::<bool, _>("claimed").map_err(corrupt);
+            // Two rows: the claim, and the snapshot's row it outlived (purged meanwhile).
+            let mut row = None;
+            for r in rows {
+                if row.is_none() || claimed(&r)? {
+                    row = Some(r);
+                }
+            }
             let Some(row) = row else {
                 // The insert conflicted with a row this statement's snapshot predates.
                 continue;
             };
-            let corrupt = |e: sqlx::Error| Error::corrupt_key(key, e);
-            if row.try_get::<bool, _>("claimed").map_err(corrupt)? {
+            if claimed(&row)? {
                 let token: i64 = row.try_get("token").map_err(corrupt)?;
                 return Ok(Begin::Acquired(Lease {
                     key: key.clone(),
@@ -151,8 +164,9 @@ impl PgStore {
             }
             let existing = record(key, &row)?;
             match model::begin(Some(&existing), key, fingerprint, deadlines, now).0 {
-                // The snapshot shows a row the insert could have taken over, but the latest
-                // version (which the insert saw) could not be: read again.
+                // A row that could be taken over: the first statement leaves that to `begin`;
+                // from `begin`, the snapshot showed it but the latest version (which the
+                // insert saw) could not be taken: read again.
                 Begin::Acquired(_) => continue,
                 answer => return Ok(answer),
             }
