@@ -1,4 +1,4 @@
-//! The key layout: one Redis hash per record, named
+//! The key layout: one Redis string per record (encoded by the `record` module), named
 //! `<prefix>r:{<scope-hex>.<id-hex>}`.
 //!
 //! Scope and id are hex-encoded, so no scope or id can collide with another pair or break
