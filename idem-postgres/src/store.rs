@@ -172,7 +172,8 @@ impl PgStore {
             }
         }
         Err(Error::retryable(format!(
-            "claim of {key} kept conflicting with concurrent writers ({CLAIM_ATTEMPTS} attempts)"
+            "claim of {key} kept conflicting with concurrent writers ({} statements)",
+            CLAIM_ATTEMPTS + 1
         )))
     }
 
