@@ -62,6 +62,22 @@ impl Sql {
                      fingerprint = COALESCE(r.fingerprint, EXCLUDED.fingerprint),
                      updated_at = EXCLUDED.updated_at"
         );
+        // A fresh claim: token 1, a lease until `$4`, retention `$6`; nothing on conflict.
+        let insert_fresh = format!(
+            "INSERT INTO {t} (scope, id, fingerprint, state, token, lease_until, response,
+                              reclaimed, created_at, updated_at, expires_at)
+             VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6)
+             ON CONFLICT (scope, id) DO NOTHING"
+        );
+        // The two rows `claim_or_read` and `begin` answer with: a claim (its token and
+        // whether it reclaimed; no record), or the record that is there.
+        let answer_claimed = "true AS claimed, token, reclaimed,
+                              NULL::bytea AS fingerprint, NULL::text AS state,
+                              NULL::bigint AS lease_until, NULL::bytea AS response,
+                              NULL::bigint AS created_at, NULL::bigint AS updated_at,
+                              NULL::bigint AS expires_at";
+        let answer_existing = "false, token, reclaimed, fingerprint, state, lease_until, response,
+                               created_at, updated_at, expires_at";
         let schema = schema_sql(table);
         Sql {
             // Concurrent migrations (a fleet deploying at once) queue on one advisory lock
@@ -79,25 +95,13 @@ impl Sql {
             // mismatch, a live lease. It cannot decide a row it could take over (an expired or
             // released lease: `begin` does that atomically) nor a conflicting row committed
             // after its snapshot was taken (no row at all comes back); then `begin` runs. A row
-            // purged after the snapshot and claimed again gives two rows, the claim first.
-            // Same parameters and columns as `begin`.
+            // purged after the snapshot and claimed again gives two rows, the claim and the
+            // old record (the caller picks the claim). Same parameters and columns as `begin`.
             claim_or_read: format!(
-                "WITH claimed AS (
-                    INSERT INTO {t} (scope, id, fingerprint, state, token, lease_until, response,
-                                     reclaimed, created_at, updated_at, expires_at)
-                    VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6)
-                    ON CONFLICT (scope, id) DO NOTHING
-                    RETURNING true AS claimed, token, reclaimed,
-                              NULL::bytea AS fingerprint, NULL::text AS state,
-                              NULL::bigint AS lease_until, NULL::bytea AS response,
-                              NULL::bigint AS created_at, NULL::bigint AS updated_at,
-                              NULL::bigint AS expires_at
-                 )
+                "WITH claimed AS ({insert_fresh} RETURNING {answer_claimed})
                  SELECT * FROM claimed
                  UNION ALL
-                 SELECT false, token, reclaimed, fingerprint, state, lease_until, response,
-                        created_at, updated_at, expires_at
-                   FROM {t} WHERE scope = $1 AND id = $2"
+                 SELECT {answer_existing} FROM {t} WHERE scope = $1 AND id = $2"
             )
             .into(),
             // One statement, one round trip. `existing` reads the row; the insert runs only if
@@ -125,30 +129,18 @@ impl Sql {
                     WHERE {}
                     RETURNING r.token, r.reclaimed
                  )
-                 SELECT true AS claimed, token, reclaimed,
-                        NULL::bytea AS fingerprint, NULL::text AS state, NULL::bigint AS lease_until,
-                        NULL::bytea AS response, NULL::bigint AS created_at,
-                        NULL::bigint AS updated_at, NULL::bigint AS expires_at
-                   FROM claimed
+                 SELECT {answer_claimed} FROM claimed
                  UNION ALL
-                 SELECT false, token, reclaimed, fingerprint, state, lease_until, response,
-                        created_at, updated_at, expires_at
-                   FROM existing WHERE NOT EXISTS (SELECT 1 FROM claimed)",
+                 SELECT {answer_existing} FROM existing WHERE NOT EXISTS (SELECT 1 FROM claimed)",
                 claimable("$5")
             )
             .into(),
             // The common case of transactional mode, a key never seen, without `begin`'s
-            // read-and-union: a plain insert that does nothing on conflict (then `begin`
-            // runs, and judges the row that is there). `$6` is the final retention, the
-            // value `finish` writes later in the same transaction, so that update changes no
-            // indexed column and PostgreSQL can make it a HOT update (no new index entries).
-            claim_fresh: format!(
-                "INSERT INTO {t} (scope, id, fingerprint, state, token, lease_until, response,
-                                  reclaimed, created_at, updated_at, expires_at)
-                 VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6)
-                 ON CONFLICT (scope, id) DO NOTHING"
-            )
-            .into(),
+            // read: a plain insert that does nothing on conflict (then `PgStore::claim` judges
+            // the row that is there). `$6` is the final retention, the value `finish` writes
+            // later in the same transaction, so that update changes no indexed column and
+            // PostgreSQL can make it a HOT update (no new index entries).
+            claim_fresh: insert_fresh.as_str().into(),
             // A key never seen gets its outcome straight away. A row whose lease has expired
             // or was released (and whose fingerprint agrees) is taken over with the outcome,
             // its token raised as a reclaim raises it. Any other row (an outcome, a live

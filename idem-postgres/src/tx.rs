@@ -182,6 +182,13 @@ async fn rolled_back<T, F, E>(
 }
 
 impl PgStore {
+    /// A pooled connection for one transactional request, marked open: its `BEGIN` is
+    /// sent next.
+    async fn session(&self) -> Result<Session, Error> {
+        let conn = self.pool.acquire().await.map_err(map_err)?;
+        Ok(Session { conn, open: true })
+    }
+
     /// A [`TxPolicy::Optimistic`] request, on the transaction's own task: the operation
     /// first, then the claim with the outcome, then the commit.
     async fn speculate<T, F, E>(
@@ -193,10 +200,7 @@ impl PgStore {
         T: Serialize + DeserializeOwned,
         F: Serialize + DeserializeOwned,
     {
-        let conn = self.pool.acquire().await.map_err(map_err)?;
-        let mut session = Session { conn, open: false };
-
-        session.open = true;
+        let mut session = self.session().await?;
         let tx = begin(&mut session.conn, false).await?;
         let (mut tx, result) = operate(tx, &mut session.open, op).await?;
         let settled = match settle(result) {
@@ -298,10 +302,7 @@ impl PgStore {
         T: Serialize + DeserializeOwned,
         F: Serialize + DeserializeOwned,
     {
-        let conn = self.pool.acquire().await.map_err(map_err)?;
-        let mut session = Session { conn, open: false };
-
-        session.open = true;
+        let mut session = self.session().await?;
         let mut tx = begin(&mut session.conn, request.no_wait).await?;
         let lease = match self.claim_in(&mut tx, &request).await {
             Ok(lease) => lease,
