@@ -406,10 +406,12 @@ fn postgres_reads_create_nothing_and_migrate_makes_the_table() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         use idem::postgres::sqlx::{self, Connection};
         let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE {table}")))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE {table}; DROP FUNCTION {table}_claim"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     });
 }
 

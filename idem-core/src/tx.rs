@@ -32,8 +32,8 @@ use crate::store::Store;
 ///
 /// Dropping the returned future never leaves half a transaction: the transaction either
 /// commits whole (claim, business writes and outcome) or leaves nothing. Which one depends on
-/// the store (one that runs the transaction on a task of its own lets it finish; one driven
-/// by the caller's future rolls it back); the store's docs say which. Either way the next
+/// the store (one that runs the transaction to its end, as `detached` does, lets it finish;
+/// one that stops where the caller's future was dropped rolls it back); the store's docs say which. Either way the next
 /// request with the key replays the committed outcome or executes, never both.
 ///
 /// A concurrent `transact` on the same key never runs its operation while the first can

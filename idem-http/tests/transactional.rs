@@ -336,7 +336,7 @@ async fn postgres_business_writes_commit_with_the_key() {
     };
     scenarios(app, entered, base, rows).await;
     sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP TABLE {table}; DROP TABLE {table}_keys"
+        "DROP TABLE {table}; DROP TABLE {table}_keys; DROP FUNCTION {table}_keys_claim"
     )))
     .execute(&pool)
     .await

@@ -28,8 +28,8 @@ pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 ///
 /// `begin` is one `INSERT … ON DUPLICATE KEY UPDATE` for a fresh claim or a reclaim, and
 /// one more `SELECT` for a replay; `complete`, `fail`, `extend` and `release` are one
-/// fenced `UPDATE` each. Every call that writes runs on its own task, so a dropped caller
-/// never interrupts it half-way, and a claim whose caller is gone is released at once.
+/// fenced `UPDATE` each. Every call that writes runs to its end (a dropped caller's call
+/// moves onto a task of its own), so a dropped caller never interrupts it half-way, and a claim whose caller is gone is released at once.
 #[derive(Clone, Debug)]
 pub struct MySqlStore {
     pool: MySqlPool,
@@ -404,10 +404,9 @@ impl Store for MySqlStore {
         Guarantees::single_node_sql()
     }
 
-    /// Claims on a task of its own. If the caller is dropped before it takes the answer,
-    /// an acquired claim is released at once (nobody will run the operation): by the
-    /// task, if the caller was gone when the answer was ready, or by the dropped caller,
-    /// if the answer was waiting for it.
+    /// Claims to the end, also if the caller is dropped: then the rest of the claim runs on
+    /// a task of its own, and a claim it acquired is released at once (nobody will run the
+    /// operation).
     async fn begin(
         &self,
         key: &Key,

@@ -1,5 +1,5 @@
 //! Transactional mode ([`TransactionalStore`]): claim, business writes and outcome in one
-//! InnoDB transaction, run on a task of its own.
+//! InnoDB transaction, run to its end even if its caller is dropped.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -93,8 +93,8 @@ enum Ended<T, F, E> {
 impl TransactionalStore for MySqlStore {
     type Operation<T, F, E> = MySqlOperation<T, F, E>;
 
-    /// Claim, business writes and outcome in one InnoDB transaction, on a task of its
-    /// own: a dropped caller does not stop it, so it commits (and a retry replays it) or
+    /// Claim, business writes and outcome in one InnoDB transaction, run to its end: a
+    /// dropped caller does not stop it (the rest moves onto a task of its own), so it commits (and a retry replays it) or
     /// rolls back (and a retry executes); its connection goes back to the pool only
     /// outside a transaction, and is closed otherwise.
     ///

@@ -26,7 +26,7 @@
 //!
 //! | guarantee | how |
 //! |---|---|
-//! | atomic claim | `begin` is **one statement and one round trip** for a fresh claim, a replay, a mismatch and a live lease: `INSERT … ON CONFLICT (scope, id) DO NOTHING RETURNING …`, unioned with a read of the existing row, judged in Rust. Taking over an expired or released lease is a second statement, `INSERT … ON CONFLICT (scope, id) DO UPDATE … WHERE <lease expired and fingerprints agree>`, which raises the fencing token atomically. The primary key makes every claim atomic |
+//! | atomic claim | `begin` is **one statement and one round trip** for a fresh claim, a replay, a mismatch and a live lease: a primary-key read of the row, judged in Rust, that calls the table's claim function (`INSERT … ON CONFLICT (scope, id) DO NOTHING`) only when there is no row. Taking over an expired or released lease is a second statement, `INSERT … ON CONFLICT (scope, id) DO UPDATE … WHERE <lease expired and fingerprints agree>`, which raises the fencing token atomically. The primary key makes every claim atomic |
 //! | fenced completion | `complete`, `fail`, `extend`, `release` are one `UPDATE … WHERE token = $n` each: a zombie worker's write matches no row and gets `LeaseLost` |
 //! | linearizable | every operation on a key is one statement (or one transaction) on the primary |
 //! | transactional | the operation gets `&mut PgConnection` inside the claim's transaction; claim, business writes and outcome commit together. The claim first tries a plain `INSERT … ON CONFLICT DO NOTHING` of a fresh row that already carries the final retention, so the outcome's `UPDATE` in the same transaction touches no indexed column and can be a HOT update; only a key that has a row goes on to `begin`'s statement. A permanent failure rolls the business writes back and commits `Failed`; a retryable error, a panic, a dropped future or a killed process leaves nothing. Duplicates wait and replay ([`TxPolicy::Wait`](idem_core::TxPolicy)) or get `InProgress` within a 1 ms lock timeout (`TxPolicy::NoWait`). With `TxPolicy::Optimistic` the operation runs first and the key is claimed with its outcome just before the commit (`BEGIN`, the operation, one `INSERT … ON CONFLICT DO UPDATE … WHERE <lease expired or released>`, `COMMIT`: one statement fewer); a duplicate waits on the primary key, rolls its own work back and replays, so its operation may run but never commits. An operation that fails because a duplicate committed first (a unique business key) answers the first one's outcome |
@@ -42,10 +42,10 @@
 //! # Cancellation
 //!
 //! Any future of this crate may be dropped at any await point (a client disconnects, a
-//! `tokio::time::timeout` fires, a `select!` takes another branch). Every store call runs on
-//! a tokio task of its own that owns its pooled connection and runs to its end; the
-//! caller's future only waits for the answer. So a dropped call never interrupts a statement
-//! or a transaction halfway, and never hands a connection that is inside a transaction back
+//! `tokio::time::timeout` fires, a `select!` takes another branch). Every store call owns
+//! its pooled connection and runs to its end: the caller's task polls it, and if the caller
+//! drops it unfinished, the rest moves onto a tokio task of its own. So a dropped call never
+//! interrupts a statement or a transaction halfway, and never hands a connection that is inside a transaction back
 //! to the pool. What a dropped call leaves behind:
 //!
 //! | call dropped | what happens | how a retry learns the outcome |
@@ -120,7 +120,23 @@
 //!     PRIMARY KEY (scope, id)
 //! );
 //! CREATE INDEX IF NOT EXISTS "idem_records_expires_at" ON "idem_records" USING brin (expires_at) WITH (autosummarize = on);
+//! CREATE OR REPLACE FUNCTION "idem_records_claim"(text, text, bytea, bigint, bigint, bigint) RETURNS boolean
+//! LANGUAGE plpgsql VOLATILE AS $claim$
+//! BEGIN
+//!     INSERT INTO "idem_records" (scope, id, fingerprint, state, token, lease_until, response, reclaimed, created_at, updated_at, expires_at) VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6) ON CONFLICT (scope, id) DO NOTHING;
+//!     RETURN FOUND;
+//! END
+//! $claim$;
 //! ```
+//!
+//! The claim function is what lets lease-mode `begin` be one statement that costs a
+//! primary-key read when the key has a row (a replay, a mismatch, a live lease): the
+//! statement reads the row and calls the function, which inserts a fresh claim, only when
+//! there is none. A PostgreSQL function body is planned when it is first called, so a replay
+//! never pays for an insert's set-up (docs/performance.md has the measurements). The
+//! function runs with the caller's rights (it is not `SECURITY DEFINER`). A table made by an
+//! earlier version gets its function from [`PgStore::migrate`]; until then `begin` fails
+//! with a permanent "function does not exist" error.
 //!
 //! The retention index is BRIN, not B-tree: `purge` only needs the ranges of the table
 //! whose rows have expired, and rows are written in roughly `expires_at` order, so a few

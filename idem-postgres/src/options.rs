@@ -11,6 +11,16 @@ pub const DEFAULT_TABLE: &str = "idem_records";
 /// The suffix of the retention index's name (`<table>_expires_at`).
 const INDEX_SUFFIX: &str = "_expires_at";
 
+/// The suffix of the claim function's name (`<table>_claim`).
+const CLAIM_SUFFIX: &str = "_claim";
+
+/// The claim function's argument types: scope, id, fingerprint, lease deadline, now,
+/// retention deadline.
+pub(crate) const CLAIM_ARGUMENTS: &str = "text, text, bytea, bigint, bigint, bigint";
+
+// The table part's limit is set by the longest derived name, the index's.
+const _: () = assert!(CLAIM_SUFFIX.len() <= INDEX_SUFFIX.len());
+
 /// PostgreSQL's identifier limit (`NAMEDATALEN - 1`): longer names are silently truncated.
 const MAX_IDENTIFIER: usize = 63;
 
@@ -20,7 +30,7 @@ const MAX_IDENTIFIER: usize = 63;
 /// Every name PostgreSQL derives from it must fit its 63-byte identifier limit (names
 /// beyond it are truncated silently, so two tables could share an index name): the table
 /// part is at most 52 bytes, because its index is `<table>_expires_at` (the primary key's
-/// `<table>_pkey` is shorter). The schema part is at most 63 bytes and may not be a system
+/// `<table>_pkey` and the claim function's `<table>_claim` are shorter). The schema part is at most 63 bytes and may not be a system
 /// schema: `pg_temp…` schemas are refused because each pooled connection has its own, so a
 /// claim made on one connection would be invisible to the others; other `pg_…` schemas and
 /// `information_schema` belong to the server.
@@ -100,6 +110,11 @@ impl TableName {
     /// The unqualified, quoted index name, as `CREATE INDEX` takes it.
     pub(crate) fn index_identifier(&self) -> String {
         format!("\"{}{INDEX_SUFFIX}\"", self.table)
+    }
+
+    /// The quoted name of the claim function (in the table's schema).
+    pub(crate) fn quoted_claim_function(&self) -> String {
+        self.qualify(&format!("{}{CLAIM_SUFFIX}", self.table))
     }
 
     fn qualify(&self, name: &str) -> String {

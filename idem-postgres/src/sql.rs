@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::options::TableName;
+use crate::options::{TableName, CLAIM_ARGUMENTS};
 
 /// Released leases carry this deadline (`Timestamp::MIN`).
 pub(crate) const RELEASED: i64 = i64::MIN;
@@ -10,16 +10,20 @@ pub(crate) const RELEASED: i64 = i64::MIN;
 /// The SQL statements of one table.
 #[derive(Debug)]
 pub(crate) struct Sql {
+    /// The table.
+    pub table: TableName,
     /// The DDL (`PgStore::schema_sql`).
     pub schema: String,
-    /// `migrate`'s check that the table and its index exist: `$1` table, `$2` index.
+    /// `migrate`'s check that the table, its index and its claim function exist: `$1`
+    /// table, `$2` index, `$3` function with its argument types.
     pub exists: &'static str,
-    /// The table and index names `exists` takes.
-    pub relations: (String, String),
+    /// The names `exists` takes, in its order.
+    pub objects: [String; 3],
     /// `migrate`: the DDL under a transaction-scoped advisory lock, one implicit
     /// transaction (one simple-query message).
     pub migrate: String,
-    /// `begin`'s first try: a fresh claim, or the row as the statement's snapshot shows it.
+    /// `begin`'s first try: the row as the statement's snapshot shows it, or else a fresh
+    /// claim through the claim function.
     pub claim_or_read: Arc<str>,
     /// `begin` when the first try could not decide: also takes over an expired lease.
     pub begin: Arc<str>,
@@ -62,15 +66,9 @@ impl Sql {
                      fingerprint = COALESCE(r.fingerprint, EXCLUDED.fingerprint),
                      updated_at = EXCLUDED.updated_at"
         );
-        // A fresh claim: token 1, a lease until `$4`, retention `$6`; nothing on conflict.
-        let insert_fresh = format!(
-            "INSERT INTO {t} (scope, id, fingerprint, state, token, lease_until, response,
-                              reclaimed, created_at, updated_at, expires_at)
-             VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6)
-             ON CONFLICT (scope, id) DO NOTHING"
-        );
-        // The two rows `claim_or_read` and `begin` answer with: a claim (its token and
-        // whether it reclaimed; no record), or the record that is there.
+        let insert_fresh = insert_fresh(&t);
+        // The two rows `begin` answers with: a claim (its token and whether it reclaimed; no
+        // record), or the record that is there.
         let answer_claimed = "true AS claimed, token, reclaimed,
                               NULL::bytea AS fingerprint, NULL::text AS state,
                               NULL::bigint AS lease_until, NULL::bytea AS response,
@@ -80,6 +78,7 @@ impl Sql {
                                created_at, updated_at, expires_at";
         let schema = schema_sql(table);
         Sql {
+            table: table.clone(),
             // Concurrent migrations (a fleet deploying at once) queue on one advisory lock
             // per table instead of racing on the catalogs' unique indexes; the lock is
             // released with the implicit transaction of the message. (`t` is a validated,
@@ -88,20 +87,28 @@ impl Sql {
                 "SELECT pg_advisory_xact_lock(hashtextextended('idem-postgres migrate {t}', 0));\n{schema}"
             ),
             schema,
-            exists: "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-            relations: (t.clone(), table.quoted_index()),
-            // The common cases in one cheap statement: insert a fresh claim, and otherwise
-            // read the row (in the statement's snapshot) for the caller to judge: a replay, a
-            // mismatch, a live lease. It cannot decide a row it could take over (an expired or
-            // released lease: `begin` does that atomically) nor a conflicting row committed
-            // after its snapshot was taken (no row at all comes back); then `begin` runs. A row
-            // purged after the snapshot and claimed again gives two rows, the claim and the
-            // old record (the caller picks the claim). Same parameters and columns as `begin`.
+            exists: "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
+                            AND to_regprocedure($3) IS NOT NULL",
+            objects: [
+                t.clone(),
+                table.quoted_index(),
+                format!("{}({CLAIM_ARGUMENTS})", table.quoted_claim_function()),
+            ],
+            // The common cases in one statement that is a primary-key read unless the key has
+            // no row: exactly one row comes back. A row in the statement's snapshot comes back
+            // for the caller to judge (a replay, a mismatch, a live lease); no row calls the
+            // claim function, whose insert (fresh claim, nothing on conflict) `claimed`
+            // reports. The function runs only then, so a replay costs what a read costs. It
+            // cannot decide a row it could take over (an expired or released lease: `begin`
+            // does that atomically) nor a conflicting row committed after its snapshot was
+            // taken (no row, not claimed); then `begin` runs. Same parameters as `begin`.
             claim_or_read: format!(
-                "WITH claimed AS ({insert_fresh} RETURNING {answer_claimed})
-                 SELECT * FROM claimed
-                 UNION ALL
-                 SELECT {answer_existing} FROM {t} WHERE scope = $1 AND id = $2"
+                "SELECT CASE WHEN r.state IS NULL THEN {}($1, $2, $3, $4, $5, $6) END AS claimed,
+                        r.token, r.fingerprint, r.state, r.lease_until, r.response,
+                        r.created_at, r.updated_at, r.expires_at
+                   FROM (VALUES (1)) AS one
+                   LEFT JOIN {t} AS r ON r.scope = $1 AND r.id = $2",
+                table.quoted_claim_function()
             )
             .into(),
             // One statement, one round trip. `existing` reads the row; the insert runs only if
@@ -195,10 +202,27 @@ impl Sql {
     }
 }
 
+/// A fresh claim of `$1`/`$2` in table `t`: fingerprint `$3`, token 1, a lease until `$4`,
+/// written at `$5`, retention `$6`; nothing on conflict.
+fn insert_fresh(t: &str) -> String {
+    format!(
+        "INSERT INTO {t} (scope, id, fingerprint, state, token, lease_until, response,
+                          reclaimed, created_at, updated_at, expires_at)
+         VALUES ($1, $2, $3, 'in_progress', 1, $4, NULL, false, $5, $5, $6)
+         ON CONFLICT (scope, id) DO NOTHING"
+    )
+}
+
 /// The schema for `table`, as `PgStore::migrate` runs it.
 fn schema_sql(table: &TableName) -> String {
     let t = table.quoted();
     let index = table.index_identifier();
+    let function = table.quoted_claim_function();
+    // On one line: the statement as the other statements' fragment writes it, re-indented.
+    let insert = insert_fresh(&t)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     format!(
         "CREATE TABLE IF NOT EXISTS {t} (
     scope       TEXT    NOT NULL,
@@ -215,6 +239,35 @@ fn schema_sql(table: &TableName) -> String {
     PRIMARY KEY (scope, id)
 );
 CREATE INDEX IF NOT EXISTS {index} ON {t} USING brin (expires_at) WITH (autosummarize = on);
+CREATE OR REPLACE FUNCTION {function}({CLAIM_ARGUMENTS}) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $claim$
+BEGIN
+    {insert};
+    RETURN FOUND;
+END
+$claim$;
 "
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_crate_docs_show_the_schema_migrate_creates() {
+        let docs: Vec<&str> = include_str!("lib.rs")
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("//!")
+                    .map(|l| l.strip_prefix(' ').unwrap_or(l))
+            })
+            .collect();
+        let schema = schema_sql(&TableName::new(crate::DEFAULT_TABLE).unwrap());
+        let lines: Vec<&str> = schema.lines().collect();
+        assert!(
+            docs.windows(lines.len()).any(|w| w == lines.as_slice()),
+            "the crate docs' schema differs from:\n{schema}"
+        );
+    }
 }

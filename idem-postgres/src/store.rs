@@ -24,15 +24,15 @@ const CLAIM_ATTEMPTS: usize = 8;
 /// A strict, durable, transactional idempotency store in a PostgreSQL table.
 ///
 /// `begin` is one statement and one round trip for a fresh claim, a replay, a mismatch and a
-/// live lease (a plain `INSERT … ON CONFLICT DO NOTHING` unioned with a read of the row);
-/// taking over an expired or released lease takes a second statement that does it
-/// atomically. `complete`, `fail`, `extend` and `release` are one fenced `UPDATE` each. Every
-/// call runs to its end on its own task (see the crate docs on cancellation).
+/// live lease (a primary-key read of the row that, when there is no row, calls the table's
+/// claim function: a plain `INSERT … ON CONFLICT DO NOTHING`); taking over an expired or
+/// released lease takes a second statement that does it atomically. `complete`, `fail`, `extend` and `release` are one fenced `UPDATE` each. Every
+/// call runs to its end, also when its caller is dropped (see the crate docs on cancellation).
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pub(crate) pool: PgPool,
+    /// The statements and the table they are for: cloning a store is two `Arc` bumps.
     pub(crate) sql: Arc<Sql>,
-    table: TableName,
 }
 
 impl PgStore {
@@ -67,22 +67,24 @@ impl PgStore {
         PgStore {
             pool,
             sql: Arc::new(Sql::new(options.table())),
-            table: options.table().clone(),
         }
     }
 
-    /// Creates the table and its index if they do not exist. Idempotent and safe when many
-    /// processes run it at once: if both exist nothing is locked or created (so a role
-    /// without `CREATE` can run it); otherwise the DDL runs under a transaction-scoped
-    /// advisory lock of the table's name, one migration at a time. The schema must exist.
+    /// Creates the table, its index and its claim function (`<table>_claim`, PL/pgSQL) if
+    /// they do not exist. Idempotent and safe when many processes run it at once: if all
+    /// three exist nothing is locked or created (so a role without `CREATE` can run it);
+    /// otherwise the DDL runs under a transaction-scoped advisory lock of the table's name,
+    /// one migration at a time. A table made by an earlier version, without the function,
+    /// gets it. The schema must exist.
     pub async fn migrate(&self) -> Result<(), Error> {
         let store = self.clone();
         detached(
             async move {
-                let (table, index) = &store.sql.relations;
+                let [table, index, function] = &store.sql.objects;
                 let exists: bool = sqlx::query_scalar(store.sql.exists)
                     .bind(table)
                     .bind(index)
+                    .bind(function)
                     .fetch_one(&store.pool)
                     .await
                     .map_err(map_err)?;
@@ -111,7 +113,7 @@ impl PgStore {
 
     /// The table.
     pub fn table(&self) -> &TableName {
-        &self.table
+        &self.sql.table
     }
 
     /// Claims `key` on `conn` (autocommit in lease mode, inside the transaction in
@@ -124,34 +126,46 @@ impl PgStore {
         deadlines: Deadlines,
         now: Timestamp,
     ) -> Result<Begin, Error> {
-        // First the cheap statement (a fresh claim, or the row to judge), then, if that
-        // could not decide, the one that can also take over an expired lease.
-        let first = std::iter::once(&self.sql.claim_or_read);
-        for statement in first.chain(std::iter::repeat_n(&self.sql.begin, CLAIM_ATTEMPTS)) {
-            let rows = sqlx::query(AssertSqlSafe(Arc::clone(statement)))
-                .bind(key.scope())
-                .bind(key.id())
-                .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
-                .bind(deadlines.lease_until.as_millis())
-                .bind(now.as_millis())
-                .bind(deadlines.expires_at.as_millis())
-                .fetch_all(&mut *conn)
+        let corrupt = |e: sqlx::Error| Error::corrupt_key(key, e);
+        // First the cheap statement: the row to judge, or else a fresh claim.
+        let row = self
+            .claim_statement(&self.sql.claim_or_read, key, fingerprint, deadlines, now)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        if row.try_get::<Option<bool>, _>("claimed").map_err(corrupt)? == Some(true) {
+            return Ok(Begin::Acquired(Lease {
+                key: key.clone(),
+                token: Token(1),
+                lease_until: deadlines.lease_until,
+                reclaimed: false,
+            }));
+        }
+        if row
+            .try_get::<Option<&str>, _>("state")
+            .map_err(corrupt)?
+            .is_some()
+        {
+            let existing = record(key, &row)?;
+            match model::begin(Some(&existing), key, fingerprint, deadlines, now).0 {
+                // A row that could be taken over: `begin` does that atomically.
+                Begin::Acquired(_) => {}
+                answer => return Ok(answer),
+            }
+        }
+        // Then the statement that can also take over an expired lease, again while the
+        // conflicting row it meets is one its snapshot does not show yet.
+        for _ in 0..CLAIM_ATTEMPTS {
+            let row = self
+                .claim_statement(&self.sql.begin, key, fingerprint, deadlines, now)
+                .fetch_optional(&mut *conn)
                 .await
                 .map_err(map_err)?;
-            let corrupt = |e: sqlx::Error| Error::corrupt_key(key, e);
-            let claimed = |row: &PgRow| row.try_get::<bool, _>("claimed").map_err(corrupt);
-            // Two rows: the claim, and the snapshot's row it outlived (purged meanwhile).
-            let mut row = None;
-            for r in rows {
-                if row.is_none() || claimed(&r)? {
-                    row = Some(r);
-                }
-            }
             let Some(row) = row else {
                 // The insert conflicted with a row this statement's snapshot predates.
                 continue;
             };
-            if claimed(&row)? {
+            if row.try_get::<bool, _>("claimed").map_err(corrupt)? {
                 let token: i64 = row.try_get("token").map_err(corrupt)?;
                 return Ok(Begin::Acquired(Lease {
                     key: key.clone(),
@@ -164,9 +178,8 @@ impl PgStore {
             }
             let existing = record(key, &row)?;
             match model::begin(Some(&existing), key, fingerprint, deadlines, now).0 {
-                // A row that could be taken over: the first statement leaves that to `begin`;
-                // from `begin`, the snapshot showed it but the latest version (which the
-                // insert saw) could not be taken: read again.
+                // The snapshot showed a row that could be taken, but its latest version
+                // (which the insert saw) could not be: read again.
                 Begin::Acquired(_) => continue,
                 answer => return Ok(answer),
             }
@@ -175,6 +188,24 @@ impl PgStore {
             "claim of {key} kept conflicting with concurrent writers ({} statements)",
             CLAIM_ATTEMPTS + 1
         )))
+    }
+
+    /// `statement` (`claim_or_read` or `begin`) with its parameters bound.
+    fn claim_statement<'q>(
+        &self,
+        statement: &Arc<str>,
+        key: &'q Key,
+        fingerprint: Option<&'q Fingerprint>,
+        deadlines: Deadlines,
+        now: Timestamp,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(AssertSqlSafe(Arc::clone(statement)))
+            .bind(key.scope())
+            .bind(key.id())
+            .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
+            .bind(deadlines.lease_until.as_millis())
+            .bind(now.as_millis())
+            .bind(deadlines.expires_at.as_millis())
     }
 
     /// Transactional mode's fast claim inside the open transaction on `conn`: inserts a
@@ -491,7 +522,7 @@ impl Store for PgStore {
             async move {
                 type Row = (Option<f64>, Option<Vec<String>>, Option<Vec<f64>>);
                 let row: Option<Row> = sqlx::query_as(store.sql.estimate)
-                    .bind(store.table.quoted())
+                    .bind(store.sql.table.quoted())
                     .fetch_optional(&store.pool)
                     .await
                     .map_err(map_err)?;

@@ -23,7 +23,8 @@ use crate::store::{Finish, PgStore};
 /// The operation [`PgStore`] runs in transactional mode: it receives the claim's
 /// transaction (as a connection inside it) and writes business rows through it.
 ///
-/// It runs on a task of its own, so it is `'static`: move what it needs into it.
+/// If its caller is dropped, it goes on running on a task of its own, so it is `'static`:
+/// move what it needs into it.
 ///
 /// ```
 /// use idem_core::Failure;
@@ -75,9 +76,9 @@ impl TransactionalStore for PgStore {
     type Operation<T, F, E> = PgOperation<T, F, E>;
     const CLAIMS_AT_COMMIT: bool = true;
 
-    /// Claim, business writes and outcome in one PostgreSQL transaction, run to its end on
-    /// a task of its own: dropping the returned future does not interrupt it (see the crate
-    /// docs on cancellation).
+    /// Claim, business writes and outcome in one PostgreSQL transaction, run to its end:
+    /// dropping the returned future does not interrupt it, the rest moves onto a task of its
+    /// own (see the crate docs on cancellation).
     ///
     /// A concurrent duplicate's claim `INSERT` conflicts with the first one's uncommitted
     /// row. With [`TxPolicy::Wait`] it blocks until the first commits, then replays (or
@@ -189,7 +190,7 @@ impl PgStore {
         Ok(Session { conn, open: true })
     }
 
-    /// A [`TxPolicy::Optimistic`] request, on the transaction's own task: the operation
+    /// A [`TxPolicy::Optimistic`] request, run to its end (`detached`): the operation
     /// first, then the claim with the outcome, then the commit.
     async fn speculate<T, F, E>(
         &self,
@@ -292,7 +293,7 @@ impl PgStore {
         })
     }
 
-    /// The whole transactional request, on the transaction's own task.
+    /// The whole transactional request, run to its end (`detached`).
     async fn run<T, F, E>(
         &self,
         request: Request,

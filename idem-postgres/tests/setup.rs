@@ -142,6 +142,14 @@ fn the_longest_names_migrate_without_truncation() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
+        let functions: Vec<(String,)> = sqlx::query_as(
+            "SELECT p.proname::text FROM pg_proc p
+               JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1",
+        )
+        .bind(&schema)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
         sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
             .execute(&mut conn)
             .await
@@ -153,6 +161,7 @@ fn the_longest_names_migrate_without_truncation() {
             vec![(format!("{table}_expires_at"),), (format!("{table}_pkey"),)],
             "every derived name kept whole"
         );
+        assert_eq!(functions, vec![(format!("{table}_claim"),)]);
     });
 }
 
@@ -188,4 +197,50 @@ async fn estimated_stats_come_from_the_planner_statistics() {
     let estimate = store.estimated_stats().await.unwrap();
     assert_eq!(estimate, Some(exact), "exact {exact:?}");
     assert_eq!(barrier.observe_estimated_stats().await.unwrap(), exact);
+}
+
+/// A table made before the claim function existed (or whose function was dropped): `begin`
+/// fails with a permanent error until `migrate` runs, which adds the function and leaves the
+/// rows alone.
+#[tokio::test]
+async fn migrate_adds_the_claim_function_to_a_table_without_it() {
+    let factory = common::factory();
+    if !available(&factory).await {
+        return;
+    }
+    let store = factory.store().await.unwrap();
+    let (key, kept) = (
+        Key::new("upgrade", "fresh").unwrap(),
+        Key::new("upgrade", "kept").unwrap(),
+    );
+    let now = idem_core::Timestamp::from_millis(1_000_000);
+    let deadlines = idem_core::Deadlines {
+        lease_until: idem_core::Timestamp::from_millis(1_060_000),
+        expires_at: idem_core::Timestamp::from_millis(90_000_000),
+    };
+    assert!(matches!(
+        store.begin(&kept, None, deadlines, now).await.unwrap(),
+        idem_core::Begin::Acquired(_)
+    ));
+    // `"schema"."records_n"` names the function `"schema"."records_n_claim"`.
+    let table = store.table().quoted();
+    let function = format!(
+        "{}_claim\"(text, text, bytea, bigint, bigint, bigint)",
+        &table[..table.len() - 1]
+    );
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP FUNCTION {function}")))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let e = store.begin(&key, None, deadlines, now).await.unwrap_err();
+    assert!(!e.is_retryable(), "a missing function is permanent: {e}");
+    store.migrate().await.unwrap();
+    assert!(matches!(
+        store.begin(&key, None, deadlines, now).await.unwrap(),
+        idem_core::Begin::Acquired(_)
+    ));
+    assert!(matches!(
+        store.begin(&kept, None, deadlines, now).await.unwrap(),
+        idem_core::Begin::InProgress { .. }
+    ));
 }

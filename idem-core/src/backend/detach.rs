@@ -1,12 +1,12 @@
-//! Store calls that run to their end on their own task, whatever happens to the caller's
-//! future.
+//! Store calls that run to their end, whatever happens to the caller's future.
 //!
 //! A caller's future can be dropped at any await point. If a statement or a transaction
-//! were driven by that future, dropping it would leave a connection mid-protocol (or inside
-//! a transaction) and the key's fate to chance. With [`detached`] the call runs on a spawned
-//! task that owns its connection, and the caller only waits for the answer: the one await
-//! point a caller can be dropped at is that wait. An answer nobody received (a claim that
-//! succeeded for a caller that is gone) goes to an *orphan* handler, which can undo it.
+//! simply stopped there, it would leave a connection mid-protocol (or inside a transaction)
+//! and the key's fate to chance. A [`detached`] call owns its connection and is polled by its
+//! caller, in the caller's task (no task is spawned on the way to the answer); if the caller
+//! drops it unfinished, the rest of the call moves onto a tokio task of its own and runs to
+//! its end there. An answer nobody received (a claim that succeeded for a caller that is
+//! gone) goes to an *orphan* handler, which can undo it.
 //!
 //! ```
 //! use idem_core::backend::detach::{detached, forget};
@@ -21,74 +21,98 @@
 //! ```
 
 use std::future::Future;
-use std::panic;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
 
 use crate::error::Error;
 
-/// Runs `work` on its own tokio task and returns its output.
+/// Runs `work` to its end and returns its output.
 ///
-/// Dropping the returned future does not stop `work`. If the caller is gone when `work`
-/// ends with `Ok`, the value goes to `orphan` instead, with the runtime to spawn clean-up on
-/// (called on the task, or in the dropped future's destructor if the output arrived just
-/// before the drop): exactly one of the caller and `orphan` receives it. An `Err` nobody
-/// received is dropped. A panic in `work` resumes in the caller. Outside a tokio runtime
-/// the answer is [`Error::Config`]; a task cancelled by a runtime shutting down is a
-/// retryable [`Error::Store`].
+/// `work` runs inside the caller's task while the caller polls it: no task is spawned on
+/// the way to the answer. Dropping the returned future does not stop `work`: an unfinished
+/// `work` moves onto a tokio task of its own, which runs it to its end, and a value `Ok`
+/// nobody received goes to `orphan` (with the runtime to spawn clean-up on): exactly one of
+/// the caller and `orphan` receives it. An `Err` nobody received is dropped. A panic in
+/// `work` unwinds through the caller, and the panicked `work` is dropped, not continued.
+/// Outside a tokio runtime the answer is [`Error::Config`].
 pub async fn detached<T, E, W, O>(work: W, orphan: O) -> Result<T, E>
 where
     T: Send + 'static,
     E: From<Error> + Send + 'static,
     W: Future<Output = Result<T, E>> + Send + 'static,
-    O: Fn(T, &Handle) + Clone + Send + 'static,
+    O: FnOnce(T, &Handle) + Send + 'static,
 {
     let runtime = Handle::try_current()
         .map_err(|e| Error::Config(format!("store calls run on a tokio runtime: {e}")))?;
-    let (tx, rx) = oneshot::channel();
-    let (on_task, task_runtime) = (orphan.clone(), runtime.clone());
-    let task = runtime.spawn(async move {
-        if let Err(Ok(unreceived)) = tx.send(work.await) {
-            on_task(unreceived, &task_runtime);
-        }
-    });
-    let mut waiting = Waiting {
-        rx,
-        orphan,
+    let mut call = Detached {
+        work: Some(Box::pin(work)),
+        orphan: Some(orphan),
         runtime,
-        received: false,
+        polling: false,
     };
-    let received = (&mut waiting.rx).await;
-    waiting.received = true;
-    match received {
-        Ok(output) => output,
-        // The task ended without sending: it panicked, or its runtime is shutting down.
-        Err(_) => match task.await {
-            Err(e) if e.is_panic() => panic::resume_unwind(e.into_panic()),
-            _ => Err(Error::retryable("the task running the store call was cancelled").into()),
-        },
+    std::future::poll_fn(|cx| call.poll_work(cx)).await
+}
+
+/// The work of a [`detached`] call, on the heap so that it can move onto a task.
+type Work<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// The caller's side of [`detached`]: polls `work` in place, and if dropped before `work`
+/// finished, spawns the rest of it with `orphan` waiting for its output.
+struct Detached<T, E, O>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+    O: FnOnce(T, &Handle) + Send + 'static,
+{
+    work: Option<Work<T, E>>,
+    orphan: Option<O>,
+    runtime: Handle,
+    /// Set while `work` is being polled: if the destructor finds it set, that poll panicked.
+    polling: bool,
+}
+
+impl<T, E, O> Detached<T, E, O>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+    O: FnOnce(T, &Handle) + Send + 'static,
+{
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+        let Some(work) = self.work.as_mut() else {
+            // Never reached: the one `await` on this call stops polling at `Ready`.
+            return Poll::Pending;
+        };
+        self.polling = true;
+        let poll = work.as_mut().poll(cx);
+        self.polling = false;
+        if poll.is_ready() {
+            self.work = None;
+        }
+        poll
     }
 }
 
-/// The caller's side of [`detached`]: if dropped before the output was received, hands an
-/// output already sent to `orphan`, and makes the task's later send fail so that the task
-/// hands it over instead.
-struct Waiting<T, E, O: Fn(T, &Handle)> {
-    rx: oneshot::Receiver<Result<T, E>>,
-    orphan: O,
-    runtime: Handle,
-    received: bool,
-}
-
-impl<T, E, O: Fn(T, &Handle)> Drop for Waiting<T, E, O> {
+impl<T, E, O> Drop for Detached<T, E, O>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+    O: FnOnce(T, &Handle) + Send + 'static,
+{
     fn drop(&mut self) {
-        if !self.received {
-            self.rx.close();
-            if let Ok(Ok(output)) = self.rx.try_recv() {
-                (self.orphan)(output, &self.runtime);
+        // Nothing to continue: `work` finished, or it panicked while polled.
+        let (Some(work), Some(orphan), false) =
+            (self.work.take(), self.orphan.take(), self.polling)
+        else {
+            return;
+        };
+        let runtime = self.runtime.clone();
+        drop(self.runtime.spawn(async move {
+            if let Ok(unreceived) = work.await {
+                orphan(unreceived, &runtime);
             }
-        }
+        }));
     }
 }
 
@@ -102,6 +126,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
+    use tokio::sync::oneshot;
 
     #[tokio::test]
     async fn a_dropped_caller_hands_the_output_to_the_orphan_handler() {
@@ -129,6 +154,72 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the orphan handler never received the output");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_work_runs_in_the_callers_task_until_the_caller_is_dropped() {
+        // The test's body is not a task: the caller is one spawned here.
+        tokio::spawn(callers_task_until_dropped()).await.unwrap();
+    }
+
+    async fn callers_task_until_dropped() {
+        let caller = tokio::task::id();
+        let inline = detached(async { Ok::<_, Error>(tokio::task::id()) }, forget).await;
+        assert_eq!(
+            inline.unwrap(),
+            caller,
+            "no task spawned on the way to the answer"
+        );
+
+        // Dropped after a first poll: the rest runs on a task of its own.
+        let (go, wait) = oneshot::channel::<()>();
+        let (ran_on, on) = oneshot::channel::<(tokio::task::Id, tokio::task::Id)>();
+        let call = detached(
+            async move {
+                let before = tokio::task::id();
+                let _ = wait.await;
+                let _ = ran_on.send((before, tokio::task::id()));
+                Ok::<(), Error>(())
+            },
+            forget,
+        );
+        assert!(tokio::time::timeout(Duration::from_millis(10), call)
+            .await
+            .is_err());
+        go.send(()).unwrap();
+        let (before, after) = on.await.expect("the dropped call's work ran to its end");
+        assert_eq!(before, caller);
+        assert_ne!(after, caller);
+    }
+
+    /// Pending at its first poll, panics at its second; counts its polls.
+    struct PanicsWhenPolledAgain(Arc<AtomicU32>);
+
+    impl Future for PanicsWhenPolledAgain {
+        type Output = Result<(), Error>;
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            panic!("boom")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_work_reaches_the_caller_and_is_not_continued() {
+        let polls = Arc::new(AtomicU32::new(0));
+        let call = tokio::spawn(detached(PanicsWhenPolledAgain(Arc::clone(&polls)), forget));
+        let e = call.await.unwrap_err();
+        assert!(e.is_panic(), "{e}");
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            2,
+            "never polled after it panicked"
+        );
     }
 
     #[test]

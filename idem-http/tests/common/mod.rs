@@ -250,17 +250,17 @@ fn skip<T>(why: &str) -> Option<T> {
     None
 }
 
-/// Drops the test's table when the test ends.
+/// Drops the test's table (and the store's claim function) when the test ends.
 pub struct PgTable {
     pool: sqlx::PgPool,
     table: String,
 }
 
 impl PgTable {
-    /// Drops the table (call at the end of a test that passed).
+    /// Drops the table and its claim function (call at the end of a test that passed).
     pub async fn drop_table(self) {
         let _ = sqlx::raw_sql(AssertSqlSafe(format!(
-            "DROP TABLE IF EXISTS {}",
+            "DROP TABLE IF EXISTS {0}; DROP FUNCTION IF EXISTS {0}_claim",
             self.table
         )))
         .execute(&self.pool)
