@@ -30,11 +30,11 @@ use crate::store::Store;
 /// - `Err(Failure::Retryable(e))`, an encoding error, or a crash: nothing remains, neither
 ///   business writes nor a claim, and the next request with the key executes.
 ///
-/// Dropping the returned future never leaves half a transaction: the transaction either
-/// commits whole (claim, business writes and outcome) or leaves nothing. Which one depends on
-/// the store (one that runs the transaction to its end, as `detached` does, lets it finish;
-/// one that stops where the caller's future was dropped rolls it back); the store's docs say which. Either way the next
-/// request with the key replays the committed outcome or executes, never both.
+/// Dropping the returned future never leaves half a transaction: the transaction either commits
+/// whole (claim, business writes and outcome) or leaves nothing. Which one depends on the store
+/// (one that runs the transaction to its end, as `detached` does, lets it finish; one that stops
+/// where the caller's future was dropped rolls it back); the store's docs say which. Either way the
+/// next request with the key replays the committed outcome or executes, never both.
 ///
 /// A concurrent `transact` on the same key never runs its operation while the first can
 /// still commit: it waits and then replays or executes ([`TxPolicy::Wait`]) or returns

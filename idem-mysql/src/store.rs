@@ -26,10 +26,11 @@ pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 /// A strict, durable, transactional idempotency store in a MySQL or MariaDB (InnoDB)
 /// table; see the crate docs for the design.
 ///
-/// `begin` is one `INSERT … ON DUPLICATE KEY UPDATE` for a fresh claim or a reclaim, and
-/// one more `SELECT` for a replay; `complete`, `fail`, `extend` and `release` are one
-/// fenced `UPDATE` each. Every call that writes runs to its end (a dropped caller's call
-/// moves onto a task of its own), so a dropped caller never interrupts it half-way, and a claim whose caller is gone is released at once.
+/// `begin` is one `INSERT … ON DUPLICATE KEY UPDATE` for a fresh claim or a reclaim, and one more
+/// `SELECT` for a replay; `complete`, `fail`, `extend` and `release` are one fenced `UPDATE` each.
+/// Every call that writes runs to its end (a dropped caller's call moves onto a task of its own),
+/// so a dropped caller never interrupts it half-way, and a claim whose caller is gone is released
+/// at once.
 #[derive(Clone, Debug)]
 pub struct MySqlStore {
     pool: MySqlPool,

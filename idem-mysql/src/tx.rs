@@ -93,9 +93,9 @@ enum Ended<T, F, E> {
 impl TransactionalStore for MySqlStore {
     type Operation<T, F, E> = MySqlOperation<T, F, E>;
 
-    /// Claim, business writes and outcome in one InnoDB transaction, run to its end: a
-    /// dropped caller does not stop it (the rest moves onto a task of its own), so it commits (and a retry replays it) or
-    /// rolls back (and a retry executes); its connection goes back to the pool only
+    /// Claim, business writes and outcome in one InnoDB transaction, run to its end: a dropped
+    /// caller does not stop it (the rest moves onto a task of its own), so it commits (and a retry
+    /// replays it) or rolls back (and a retry executes); its connection goes back to the pool only
     /// outside a transaction, and is closed otherwise.
     ///
     /// A concurrent duplicate's claim waits on the first one's row lock. With

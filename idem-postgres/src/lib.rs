@@ -42,11 +42,11 @@
 //! # Cancellation
 //!
 //! Any future of this crate may be dropped at any await point (a client disconnects, a
-//! `tokio::time::timeout` fires, a `select!` takes another branch). Every store call owns
-//! its pooled connection and runs to its end: the caller's task polls it, and if the caller
-//! drops it unfinished, the rest moves onto a tokio task of its own. So a dropped call never
-//! interrupts a statement or a transaction halfway, and never hands a connection that is inside a transaction back
-//! to the pool. What a dropped call leaves behind:
+//! `tokio::time::timeout` fires, a `select!` takes another branch). Every store call owns its
+//! pooled connection and runs to its end: the caller's task polls it, and if the caller drops it
+//! unfinished, the rest moves onto a tokio task of its own. So a dropped call never interrupts a
+//! statement or a transaction halfway, and never hands a connection that is inside a transaction
+//! back to the pool. What a dropped call leaves behind:
 //!
 //! | call dropped | what happens | how a retry learns the outcome |
 //! |---|---|---|

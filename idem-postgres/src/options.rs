@@ -27,11 +27,11 @@ const MAX_IDENTIFIER: usize = 63;
 /// A validated table name: `table` or `schema.table`, each part a lowercase SQL identifier
 /// (`[a-z_][a-z0-9_]*`).
 ///
-/// Every name PostgreSQL derives from it must fit its 63-byte identifier limit (names
-/// beyond it are truncated silently, so two tables could share an index name): the table
-/// part is at most 52 bytes, because its index is `<table>_expires_at` (the primary key's
-/// `<table>_pkey` and the claim function's `<table>_claim` are shorter). The schema part is at most 63 bytes and may not be a system
-/// schema: `pg_temp…` schemas are refused because each pooled connection has its own, so a
+/// Every name PostgreSQL derives from it must fit its 63-byte identifier limit (names beyond it are
+/// truncated silently, so two tables could share an index name): the table part is at most 52
+/// bytes, because its index is `<table>_expires_at` (the primary key's `<table>_pkey` and the claim
+/// function's `<table>_claim` are shorter). The schema part is at most 63 bytes and may not be a
+/// system schema: `pg_temp…` schemas are refused because each pooled connection has its own, so a
 /// claim made on one connection would be invisible to the others; other `pg_…` schemas and
 /// `information_schema` belong to the server.
 #[derive(Clone, Debug, PartialEq, Eq)]

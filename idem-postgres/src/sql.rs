@@ -67,15 +67,6 @@ impl Sql {
                      updated_at = EXCLUDED.updated_at"
         );
         let insert_fresh = insert_fresh(&t);
-        // The two rows `begin` answers with: a claim (its token and whether it reclaimed; no
-        // record), or the record that is there.
-        let answer_claimed = "true AS claimed, token, reclaimed,
-                              NULL::bytea AS fingerprint, NULL::text AS state,
-                              NULL::bigint AS lease_until, NULL::bytea AS response,
-                              NULL::bigint AS created_at, NULL::bigint AS updated_at,
-                              NULL::bigint AS expires_at";
-        let answer_existing = "false, token, reclaimed, fingerprint, state, lease_until, response,
-                               created_at, updated_at, expires_at";
         let schema = schema_sql(table);
         Sql {
             table: table.clone(),
@@ -136,9 +127,15 @@ impl Sql {
                     WHERE {}
                     RETURNING r.token, r.reclaimed
                  )
-                 SELECT {answer_claimed} FROM claimed
+                 SELECT true AS claimed, token, reclaimed,
+                        NULL::bytea AS fingerprint, NULL::text AS state, NULL::bigint AS lease_until,
+                        NULL::bytea AS response, NULL::bigint AS created_at,
+                        NULL::bigint AS updated_at, NULL::bigint AS expires_at
+                   FROM claimed
                  UNION ALL
-                 SELECT {answer_existing} FROM existing WHERE NOT EXISTS (SELECT 1 FROM claimed)",
+                 SELECT false, token, reclaimed, fingerprint, state, lease_until, response,
+                        created_at, updated_at, expires_at
+                   FROM existing WHERE NOT EXISTS (SELECT 1 FROM claimed)",
                 claimable("$5")
             )
             .into(),

@@ -26,8 +26,9 @@ const CLAIM_ATTEMPTS: usize = 8;
 /// `begin` is one statement and one round trip for a fresh claim, a replay, a mismatch and a
 /// live lease (a primary-key read of the row that, when there is no row, calls the table's
 /// claim function: a plain `INSERT … ON CONFLICT DO NOTHING`); taking over an expired or
-/// released lease takes a second statement that does it atomically. `complete`, `fail`, `extend` and `release` are one fenced `UPDATE` each. Every
-/// call runs to its end, also when its caller is dropped (see the crate docs on cancellation).
+/// released lease takes a second statement that does it atomically. `complete`, `fail`,
+/// `extend` and `release` are one fenced `UPDATE` each. Every call runs to its end, also
+/// when its caller is dropped (see the crate docs on cancellation).
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pub(crate) pool: PgPool,
@@ -134,23 +135,17 @@ impl PgStore {
             .await
             .map_err(map_err)?;
         if row.try_get::<Option<bool>, _>("claimed").map_err(corrupt)? == Some(true) {
-            return Ok(Begin::Acquired(Lease {
-                key: key.clone(),
-                token: Token(1),
-                lease_until: deadlines.lease_until,
-                reclaimed: false,
-            }));
+            // The function inserted the fresh claim the model describes for no record.
+            return Ok(model::begin(None, key, fingerprint, deadlines, now).0);
         }
         if row
             .try_get::<Option<&str>, _>("state")
             .map_err(corrupt)?
             .is_some()
         {
-            let existing = record(key, &row)?;
-            match model::begin(Some(&existing), key, fingerprint, deadlines, now).0 {
-                // A row that could be taken over: `begin` does that atomically.
-                Begin::Acquired(_) => {}
-                answer => return Ok(answer),
+            // A row that could be taken over goes on to `begin`, which does that atomically.
+            if let Some(answer) = judge(key, &row, fingerprint, deadlines, now)? {
+                return Ok(answer);
             }
         }
         // Then the statement that can also take over an expired lease, again while the
@@ -176,12 +171,10 @@ impl PgStore {
                     reclaimed: row.try_get("reclaimed").map_err(corrupt)?,
                 }));
             }
-            let existing = record(key, &row)?;
-            match model::begin(Some(&existing), key, fingerprint, deadlines, now).0 {
-                // The snapshot showed a row that could be taken, but its latest version
-                // (which the insert saw) could not be: read again.
-                Begin::Acquired(_) => continue,
-                answer => return Ok(answer),
+            // `None`: the snapshot showed a row that could be taken, but its latest version
+            // (which the insert saw) could not be: read again.
+            if let Some(answer) = judge(key, &row, fingerprint, deadlines, now)? {
+                return Ok(answer);
             }
         }
         Err(Error::retryable(format!(
@@ -360,6 +353,24 @@ fn fenced(rows: u64) -> Result<(), Error> {
 
 fn signed(token: Token) -> Result<i64, Error> {
     i64::try_from(token.0).map_err(|e| Error::Encode(Box::new(e)))
+}
+
+/// The answer the record of `key` in `row` gives to a claim, or `None` if the row could be
+/// taken over (which only `begin`'s statement does, atomically).
+fn judge(
+    key: &Key,
+    row: &PgRow,
+    fingerprint: Option<&Fingerprint>,
+    deadlines: Deadlines,
+    now: Timestamp,
+) -> Result<Option<Begin>, Error> {
+    let existing = record(key, row)?;
+    Ok(
+        match model::begin(Some(&existing), key, fingerprint, deadlines, now).0 {
+            Begin::Acquired(_) => None,
+            answer => Some(answer),
+        },
+    )
 }
 
 /// The record of `key` in `row`; a column that does not decode is [`Error::Corrupt`].

@@ -7,12 +7,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{url, PgFactory};
+use common::{deadlines, url, PgFactory};
 use idem_conformance::{available, StoreFactory};
-use idem_core::{
-    Barrier, Begin, Clock, Deadlines, Error, Failure, Key, Lease, RunError, Store, SystemClock,
-    TxPolicy,
-};
+use idem_core::{Barrier, Begin, Error, Failure, Key, Lease, RunError, Store, TxPolicy};
 use idem_postgres::{PgOperation, PgOptions, PgStore};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
@@ -48,18 +45,6 @@ fn assert_permanent(e: &Error) {
         ),
         "expected a permanent store error, got {e:?}"
     );
-}
-
-fn deadlines() -> (Deadlines, idem_core::Timestamp) {
-    let now = SystemClock.now();
-    let lease_until = now.plus(Duration::from_secs(60));
-    (
-        Deadlines {
-            lease_until,
-            expires_at: lease_until.plus(Duration::from_secs(3600)),
-        },
-        now,
-    )
 }
 
 async fn acquire(store: &PgStore, key: &Key) -> Lease {

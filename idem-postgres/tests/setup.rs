@@ -213,11 +213,7 @@ async fn migrate_adds_the_claim_function_to_a_table_without_it() {
         Key::new("upgrade", "fresh").unwrap(),
         Key::new("upgrade", "kept").unwrap(),
     );
-    let now = idem_core::Timestamp::from_millis(1_000_000);
-    let deadlines = idem_core::Deadlines {
-        lease_until: idem_core::Timestamp::from_millis(1_060_000),
-        expires_at: idem_core::Timestamp::from_millis(90_000_000),
-    };
+    let (deadlines, now) = common::deadlines();
     assert!(matches!(
         store.begin(&kept, None, deadlines, now).await.unwrap(),
         idem_core::Begin::Acquired(_)
